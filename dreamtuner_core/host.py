@@ -1,0 +1,103 @@
+"""The few places where the pack touches ComfyUI internals, guarded for old and new cores.
+
+Supported hosts: the late-2024 ``comfy`` core (``notcomfy`` 0.1.0, used in CI)
+and current ComfyUI (v0.15.1). Differences handled here:
+- current ComfyUI's attention functions take ``transformer_options`` (for
+  attention overrides of other packs); the late-2024 ones reject it;
+- SageAttention ignores attention masks and xformers expands them to
+  [batch, heads, queries, keys]: the biased attention of Eq. 3 uses PyTorch's
+  SDPA in their place, every other layer keeps the host's choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import comfy.ldm.modules.attention as attention_module
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from .errors import DreamTunerInputError
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL (UNet models with self-attention)"
+_BIAS_SAFE = ("attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch")
+
+
+def attention_function():
+    """The host's current attention (looked up per call, so backend switches apply)."""
+    return attention_module.optimized_attention
+
+
+def biased_attention_function():
+    """An attention function that honours an additive per-key bias without expanding it."""
+    current = attention_module.optimized_attention
+    if getattr(current, "__name__", "") in _BIAS_SAFE:
+        return current
+    return attention_module.attention_pytorch
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_transformer_options(function) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options" for p in parameters)
+
+
+def attention_kwargs(function, extra_options):
+    """Keyword arguments the host's own CrossAttention passes to ``function``."""
+    kwargs = {"attn_precision": extra_options.get("attn_precision")}
+    if _accepts_transformer_options(function):
+        kwargs["transformer_options"] = extra_options
+    return kwargs
+
+
+def unet_of(model):
+    """The openaimodel UNet inside a ModelPatcher, or a clear error naming the model family."""
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(diffusion_model, UNetModel):
+        family = type(getattr(model, "model", model)).__name__
+        raise DreamTunerInputError(
+            f"model: self-subject-attention needs a UNet with self-attention layers; this model is "
+            f"{family} ({type(diffusion_model).__name__}). Supported: {SUPPORTED_FAMILIES}. "
+            "Flux, SD3 and other DiT models are not supported."
+        )
+    return diffusion_model
+
+
+def self_attention_layers(model):
+    """Keys (block kind, block number, depth index) of every UNet self-attention layer."""
+    unet = unet_of(model)
+    layers = []
+    kinds = (("input", getattr(unet, "input_blocks", [])),
+             ("middle", [getattr(unet, "middle_block", [])]),
+             ("output", getattr(unet, "output_blocks", [])))
+    for kind, blocks in kinds:
+        for number, block in enumerate(blocks):
+            for module in block if block is not None else []:
+                for index, _ in enumerate(getattr(module, "transformer_blocks", []) or []):
+                    layers.append((kind, number, index))
+    if not layers:
+        raise DreamTunerInputError(
+            f"model: this UNet has no transformer blocks, so there is no self-attention to patch. "
+            f"Supported: {SUPPORTED_FAMILIES}."
+        )
+    return layers
+
+
+def latent_channels(model) -> int:
+    latent_format = getattr(getattr(model, "model", None), "latent_format", None)
+    return int(getattr(latent_format, "latent_channels", 4))
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def describe(obj) -> str:
+    """A readable name for another pack's patch object (class and module)."""
+    target = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else type(obj)
+    name = getattr(target, "__qualname__", repr(target))
+    module = getattr(target, "__module__", "")
+    return f"'{name}' (from {module})" if module else f"'{name}'"

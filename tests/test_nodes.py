@@ -1,0 +1,49 @@
+"""The pack as ComfyUI loads it: mappings, inputs with tooltips, and the node's call."""
+
+import torch
+
+import comfyui_dreamtuner
+import tiny_models as tm
+from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
+
+HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN"}
+
+
+def test_the_pack_exports_its_nodes_with_display_names():
+    mappings = comfyui_dreamtuner.NODE_CLASS_MAPPINGS
+    names = comfyui_dreamtuner.NODE_DISPLAY_NAME_MAPPINGS
+    assert mappings["DreamTunerSelfSubjectAttention"] is SelfSubjectAttentionPatch
+    assert names["DreamTunerSelfSubjectAttention"] == "Self-Subject-Attention (DreamTuner)"
+    assert set(names) == set(mappings)
+
+
+def test_every_input_has_a_host_type_and_a_tooltip():
+    for node in comfyui_dreamtuner.NODE_CLASS_MAPPINGS.values():
+        inputs = node.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in inputs.get(section, {}).items():
+                kind, options = spec
+                assert isinstance(kind, list) or kind in HOST_TYPES, (node, name)
+                assert len(options.get("tooltip", "")) > 20, (node, name)
+        assert getattr(node, node.FUNCTION)
+        assert len(node.RETURN_TYPES) == len(node.OUTPUT_TOOLTIPS)
+        assert node.CATEGORY == "DreamTuner" and node.DESCRIPTION
+
+
+def test_the_widget_defaults_are_the_papers():
+    required = SelfSubjectAttentionPatch.INPUT_TYPES()["required"]
+    optional = SelfSubjectAttentionPatch.INPUT_TYPES()["optional"]
+    assert required["omega_ref"][1]["default"] == 3.0
+    assert (required["start_percent"][1]["default"], required["end_percent"][1]["default"]) == (0.0, 1.0)
+    assert optional["blocks"][1]["default"] == "all"
+    assert optional["mask_mode"][1]["default"] == "subject is 1"
+
+
+def test_the_node_takes_the_reference_caption_from_a_conditioning():
+    model = tm.build("sd15")
+    caption = tm.conditioning(model, 9)
+    (patched,) = SelfSubjectAttentionPatch().patch(model, {"samples": tm.latent(4)}, 3.0, 0.0, 1.0,
+                                                   reference_conditioning=caption)
+    (reference,) = patched.model_options["transformer_options"]["dreamtuner_ssa"].references
+    assert torch.equal(reference.context, caption[0][0])
+    assert reference.omega_ref == 3.0 and reference.layers is None

@@ -1,0 +1,193 @@
+"""The one factory of real host models for the tests.
+
+Every model is built through ComfyUI's own classes (``supported_models`` config
+-> ``model_base`` -> ``ModelPatcher``) with small UNet configurations and a
+seeded, explicit initialisation of every parameter (comfy's ops skip weight
+initialisation, so a fresh model holds uninitialised memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.supported_models
+
+# A tiny SD1.5-shaped UNet: two levels, self-attention in input, middle and output blocks.
+SD15_TINY = dict(
+    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=32,
+    num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1, num_heads=2, context_dim=32, use_linear_in_transformer=True,
+    adm_in_channels=None, use_temporal_attention=False,
+)
+# SDXL-shaped: no attention at the first level, depth-2 transformers, ADM ("y") input of SDXL's width.
+SDXL_TINY = dict(
+    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=32,
+    num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2],
+    transformer_depth_middle=2, num_head_channels=16, context_dim=48, use_linear_in_transformer=True,
+    adm_in_channels=2816, num_classes="sequential", use_temporal_attention=False,
+)
+# SD2-shaped (v-prediction; the SD2 config fixes 64 channels per head and fp32 attention).
+SD21_TINY = dict(SD15_TINY, model_channels=64, context_dim=40)
+# SD1.5 widths (model_channels 320, context 768) so host loaders detect it as SD1.5 (ControlNet).
+SD15_NARROW = dict(
+    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
+    num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1, num_heads=8, context_dim=768, use_linear_in_transformer=False,
+    adm_in_channels=None, use_temporal_attention=False,
+)
+
+# A Flux-shaped DiT (no UNet self-attention), for the unsupported-family error.
+FLUX_TINY = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
+    mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+    qkv_bias=True, guidance_embed=False, patch_size=2,
+)
+
+
+def init_weights(module: torch.nn.Module, seed: int = 0, scale: float = 1.0):
+    """Seeded explicit initialisation: fan-in scaled normal weights, small biases, unit norms."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                value = torch.randn(p.shape, generator=generator) * (scale / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight"):
+                value = torch.ones(p.shape)
+            else:
+                value = torch.randn(p.shape, generator=generator) * 0.02
+            p.copy_(value.to(p.dtype))
+    return module
+
+
+def build(family: str = "sd15", seed: int = 0, unet_config=None):
+    """A ModelPatcher around a real BaseModel of the family, on the CPU."""
+    classes = {
+        "sd15": (comfy.supported_models.SD15, SD15_TINY),
+        "sd15_narrow": (comfy.supported_models.SD15, SD15_NARROW),
+        "sd21": (comfy.supported_models.SD20, SD21_TINY),
+        "sdxl": (comfy.supported_models.SDXL, SDXL_TINY),
+        "flux": (comfy.supported_models.Flux, FLUX_TINY),
+    }
+    config_class, default = classes[family]
+    config = config_class(dict(unet_config or default))
+    if family == "sd21":  # SD2.x 768-v: v-prediction
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
+    else:
+        model = config.get_model({}, device="cpu")
+    init_weights(model.diffusion_model, seed)
+    model.diffusion_model.to(torch.float32)
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def context_dim(model) -> int:
+    return model.model.model_config.unet_config["context_dim"]
+
+
+def conditioning(model, seed: int, tokens: int = 77):
+    """A CONDITIONING as a text encoder gives it (with SDXL's pooled output)."""
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn((1, tokens, context_dim(model)), generator=generator)
+    extra = {"pooled_output": torch.randn((1, 1280), generator=generator)}
+    return [[cond, extra]]
+
+
+def latent(seed: int, height: int = 8, width: int = 8, batch: int = 1, channels: int = 4):
+    """A raw VAE latent ("samples" of a LATENT), as VAEEncode returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, channels, height, width), generator=generator) * 5.0
+
+
+def sample(model, positive, negative, latent_image, seed=1, steps=3, cfg=5.0, sampler="euler",
+           scheduler="normal", denoise=1.0, noise_mask=None, start_step=None, last_step=None,
+           force_full_denoise=False, disable_noise=False):
+    """The core KSampler / KSamplerAdvanced path (comfy.sample.sample)."""
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    if disable_noise:
+        noise = torch.zeros_like(latent_image)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
+                               denoise=denoise, noise_mask=noise_mask, start_step=start_step,
+                               last_step=last_step, force_full_denoise=force_full_denoise,
+                               disable_pbar=True, seed=seed)
+
+
+def sample_custom(guider, latent_image, seed=1, steps=3, sampler="euler", scheduler="normal"):
+    """The core SamplerCustomAdvanced path: a GUIDER, a SAMPLER object and SIGMAS."""
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    return guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler), sigmas,
+                         disable_pbar=True, seed=seed)
+
+
+class UNetItemCounter:
+    """Counts batch items through the UNet forward (one item = one image-evaluation)."""
+
+    def __init__(self, model):
+        self.items = []
+        self._unet = model.model.diffusion_model
+        self._handle = self._unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.items.append(args[0].shape[0])
+
+    def close(self):
+        self._handle.remove()
+
+
+def write_controlnet(path, unet_config=SD15_NARROW, seed=11):
+    """A random-weight ControlNet in the original (ldm) safetensors layout, for the host's loader."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.utils
+
+    config = {k: v for k, v in unet_config.items() if k != "out_channels"}
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    control = init_weights(comfy.cldm.cldm.ControlNet(**config), seed, scale=0.5)
+    comfy.utils.save_torch_file({k: v.contiguous() for k, v in control.state_dict().items()}, str(path))
+    return path
+
+
+def write_lora(path, model, rank=4, seed=12, match="attn"):
+    """A random-weight LoRA (kohya 'lora_unet_' keys) on the UNet's attention projections."""
+    import comfy.lora
+    import comfy.utils
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = model.model.state_dict()
+    tensors = {}
+    for key in comfy.lora.model_lora_keys_unet(model.model, {}):
+        target = comfy.lora.model_lora_keys_unet(model.model, {})[key]
+        if not key.startswith("lora_unet_") or match not in key or key.count("_") < 3:
+            continue
+        if not key.endswith(("to_q", "to_k", "to_v")) or weights[target].ndim != 2:
+            continue
+        out_features, in_features = weights[target].shape
+        tensors[f"{key}.lora_up.weight"] = torch.randn((out_features, rank), generator=generator) * 0.1
+        tensors[f"{key}.lora_down.weight"] = torch.randn((rank, in_features), generator=generator) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    comfy.utils.save_torch_file(tensors, str(path))
+    return path
+
+
+def apply_controlnet(conditioning, control_net, image, strength=1.0, start=0.0, end=1.0):
+    """What the core ControlNetApplyAdvanced node does to a CONDITIONING."""
+    hinted = control_net.copy().set_cond_hint(image.movedim(-1, 1), strength, (start, end))
+    out = []
+    for cond, extra in conditioning:
+        extra = dict(extra)
+        previous = extra.get("control")
+        if previous is not None:
+            hinted.set_previous_controlnet(previous)
+        extra["control"] = hinted
+        extra["control_apply_to_uncond"] = False
+        out.append([cond, extra])
+    return out
