@@ -1,0 +1,140 @@
+"""Time and peak memory of self-subject-attention sampling against plain sampling, in one run.
+
+A full-size SD1.5 UNet (860 M parameters, random weights, built through
+ComfyUI's own classes), KSampler path (comfy.sample.sample), CFG, the same
+seed, steps and size for every variant. Prints ratios against plain sampling.
+
+    python benchmarks/ssa_benchmark.py                 # 256x256 px, 10 steps (CPU figures in README)
+    python benchmarks/ssa_benchmark.py --size 512      # GPU figures
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
+process's resident memory, sampled every 2 ms, as peak during sampling (which
+includes the weights) and as the rise above the level before sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+if not torch.cuda.is_available():
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+import conftest  # noqa: E402  (loads the pack as ComfyUI does)
+import tiny_models as tm  # noqa: E402
+
+from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch  # noqa: E402
+
+SD15_FULL = dict(
+    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1, num_heads=8,
+    context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+)
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or sampled resident memory on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self._process = psutil.Process()
+            self.before = self._process.memory_info().rss
+            self._peak, self._running = self.before, True
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self):
+        while self._running:
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak = self._peak
+        self.rise = self.peak - self.before
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="generated and reference size in pixels")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest counts)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="UNet dtype (default: float16 on CUDA, float32 on CPU)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    model = tm.build("sd15", unet_config=SD15_FULL)
+    model.model.diffusion_model.to(dtype)
+    model.model.manual_cast_dtype = None
+    if device.type == "cuda":
+        model.load_device = device
+    pos, neg = tm.conditioning(model, 1), tm.conditioning(model, 2)
+    latent = tm.latent(3, args.size // 8, args.size // 8)
+    reference = tm.latent(4, args.size // 8, args.size // 8)
+    mask = torch.zeros(1, args.size, args.size)
+    mask[:, args.size // 8: -args.size // 8, args.size // 4: -args.size // 4] = 1.0
+    (patched,) = SelfSubjectAttentionPatch().patch(model, {"samples": reference}, 3.0, 0.0, 1.0, reference_mask=mask)
+    variants = {"plain": model, "ssa": patched}
+
+    counter = tm.UNetItemCounter(model)
+    results = {}
+    for name, m in variants.items():  # warm-up, and UNet items per step
+        counter.items = []
+        tm.sample(m, pos, neg, latent, steps=2, cfg=7.0)
+        results[name] = {"items_per_step": counter.items[0], "times": [], "peaks": [], "rises": []}
+    counter.close()
+    for _ in range(args.repeats):
+        for name, m in variants.items():
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                out = tm.sample(m, pos, neg, latent, steps=args.steps, cfg=7.0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+            assert torch.isfinite(out).all()
+            results[name]["times"].append(elapsed)
+            results[name]["peaks"].append(memory.peak)
+            results[name]["rises"].append(memory.rise)
+
+    plain_time, plain_peak = min(results["plain"]["times"]), max(results["plain"]["peaks"])
+    plain_rise = max(max(results["plain"]["rises"]), 1)
+    print(f"device={device.type} dtype={str(dtype).split('.')[-1]} size={args.size}px steps={args.steps} "
+          f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__}")
+    for name, r in results.items():
+        t, p, rise = min(r["times"]), max(r["peaks"]), max(r["rises"])
+        print(f"{name:6s} time {t:8.2f}s ({t / plain_time:.2f}x)  "
+              f"peak {p / 2**20:9.0f} MiB ({p / plain_peak:.3f}x)  "
+              f"rise {rise / 2**20:7.0f} MiB ({rise / plain_rise:.2f}x)  "
+              f"UNet items/step {r['items_per_step']}")
+
+
+if __name__ == "__main__":
+    main()

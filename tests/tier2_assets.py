@@ -1,0 +1,72 @@
+"""Random-weight model files in the real formats, for the tier-2 (real ComfyUI server) tests.
+
+Run with the Python of the ComfyUI installation under test, so the files are
+made by that installation's own classes:
+
+    python tests/tier2_assets.py sd15-checkpoint OUT.safetensors
+
+The SD1.5 checkpoint is the original single-file layout (UNet under
+``model.diffusion_model.``, CLIP-L text under ``cond_stage_model.transformer.``,
+VAE under ``first_stage_model.``), fp16, as CheckpointLoaderSimple loads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+
+def init_(module, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                value = torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel())
+            elif "norm" in name and name.endswith("weight"):
+                value = torch.ones(p.shape)
+            else:
+                value = torch.zeros(p.shape)
+            p.copy_(value.to(p.dtype))
+    return module
+
+
+def sd15_checkpoint(path):
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    unet_config = dict(
+        image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
+        num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+    )
+    state = {}
+    unet = comfy.supported_models.SD15(unet_config).get_model({}, device="cpu").diffusion_model
+    for k, v in init_(unet, 1).state_dict().items():
+        state[f"model.diffusion_model.{k}"] = v.half()
+    del unet
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    for k, v in init_(clip.transformer, 2).state_dict().items():
+        state[f"cond_stage_model.transformer.{k}"] = v.half()
+    del clip
+    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    for k, v in init_(vae, 3).state_dict().items():
+        state[f"first_stage_model.{k}"] = v.half()
+    tmp = f"{path}.partial"
+    comfy.utils.save_torch_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "sd15-checkpoint":
+        sys.exit(__doc__)
+    sys.path.insert(0, os.getcwd())
+    sd15_checkpoint(sys.argv[2])
