@@ -1,4 +1,8 @@
-"""Time and peak memory of self-subject-attention sampling against plain sampling, in one run.
+"""Time and peak memory of DreamTuner sampling against plain sampling, in one run.
+
+Variants: plain CFG (core KSampler path); the subject encoder (beta 0.2)
+with plain CFG; self-subject-attention (SSA) with plain CFG; SSA with
+interleaved CFG (Eq. 4-6, p_r 0.9, default offsets).
 
 A full-size SD1.5 UNet (860 M parameters, random weights, built through
 ComfyUI's own classes), KSampler path (comfy.sample.sample), CFG, the same
@@ -33,6 +37,10 @@ if not torch.cuda.is_available():
 import conftest  # noqa: E402  (loads the pack as ComfyUI does)
 import tiny_models as tm  # noqa: E402
 
+from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import sample_interleaved  # noqa: E402
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder import (  # noqa: E402
+    EncoderConfig, SubjectEncoder, attention_layout)
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import apply_subject_encoder  # noqa: E402
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch  # noqa: E402
 
 SD15_FULL = dict(
@@ -102,20 +110,39 @@ def main():
     mask = torch.zeros(1, args.size, args.size)
     mask[:, args.size // 8: -args.size // 8, args.size // 4: -args.size // 4] = 1.0
     (patched,) = SelfSubjectAttentionPatch().patch(model, {"samples": reference}, 3.0, 0.0, 1.0, reference_mask=mask)
-    variants = {"plain": model, "ssa": patched}
+
+    def interleaved(steps):
+        out, _ = sample_interleaved(patched, 1, steps, 7.0, "euler", "normal", pos, neg, {"samples": latent},
+                                    w_r=7.0, p_r=0.9, disable_pbar=True)
+        return out["samples"]
+
+    # A subject encoder shaped for this UNet, with random ("trained") weights; CLIP vision with ViT-H/14's
+    # 257 tokens (its width does not change the per-step cost: SE(r) is encoded once per run).
+    clip_vision = tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14)
+    context_dim, attention = attention_layout(model)
+    encoder = SubjectEncoder(EncoderConfig("sd15", context_dim, 64, attention=attention)).initialise_untrained(0)
+    tm.init_weights(encoder, 5)
+    with_encoder, _ = apply_subject_encoder(model, encoder, clip_vision, tm.image(6, 256, 256), beta=0.2)
+
+    variants = {
+        "plain": lambda steps: tm.sample(model, pos, neg, latent, steps=steps, cfg=7.0),
+        "encoder": lambda steps: tm.sample(with_encoder, pos, neg, latent, steps=steps, cfg=7.0),
+        "ssa": lambda steps: tm.sample(patched, pos, neg, latent, steps=steps, cfg=7.0),
+        "ssa+icfg": interleaved,
+    }
 
     counter = tm.UNetItemCounter(model)
     results = {}
-    for name, m in variants.items():  # warm-up, and UNet items per step
+    for name, run in variants.items():  # warm-up, and UNet items per step
         counter.items = []
-        tm.sample(m, pos, neg, latent, steps=2, cfg=7.0)
+        run(2)
         results[name] = {"items_per_step": counter.items[0], "times": [], "peaks": [], "rises": []}
     counter.close()
     for _ in range(args.repeats):
-        for name, m in variants.items():
+        for name, run in variants.items():
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
-                out = tm.sample(m, pos, neg, latent, steps=args.steps, cfg=7.0)
+                out = run(args.steps)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
@@ -130,7 +157,7 @@ def main():
           f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__}")
     for name, r in results.items():
         t, p, rise = min(r["times"]), max(r["peaks"]), max(r["rises"])
-        print(f"{name:6s} time {t:8.2f}s ({t / plain_time:.2f}x)  "
+        print(f"{name:9s} time {t:8.2f}s ({t / plain_time:.2f}x)  "
               f"peak {p / 2**20:9.0f} MiB ({p / plain_peak:.3f}x)  "
               f"rise {rise / 2**20:7.0f} MiB ({rise / plain_rise:.2f}x)  "
               f"UNet items/step {r['items_per_step']}")

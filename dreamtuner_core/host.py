@@ -101,3 +101,15 @@ def describe(obj) -> str:
     name = getattr(target, "__qualname__", repr(target))
     module = getattr(target, "__module__", "")
     return f"'{name}' (from {module})" if module else f"'{name}'"
+
+
+def transformer_block(unet, layer):
+    """The BasicTransformerBlock of a layer key (kind, number, index)."""
+    kind, number, index = layer
+    block = {"input": lambda: unet.input_blocks[number], "middle": lambda: unet.middle_block,
+             "output": lambda: unet.output_blocks[number]}[kind]()
+    for module in block:
+        blocks = getattr(module, "transformer_blocks", None)
+        if blocks is not None:
+            return blocks[index]
+    raise KeyError(layer)

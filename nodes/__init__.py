@@ -2,15 +2,22 @@
 
 from .interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
 from .self_subject_attention import SelfSubjectAttentionPatch
+from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
+
+register_model_folder()
 
 NODE_CLASS_MAPPINGS = {
     "DreamTunerSelfSubjectAttention": SelfSubjectAttentionPatch,
     "DreamTunerInterleavedCFGSampler": InterleavedCFGSampler,
     "DreamTunerInterleavedCFGGuider": InterleavedCFGGuider,
+    "DreamTunerSubjectEncoderLoader": SubjectEncoderLoader,
+    "DreamTunerApplySubjectEncoder": ApplySubjectEncoder,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamTunerSelfSubjectAttention": "Self-Subject-Attention (DreamTuner)",
     "DreamTunerInterleavedCFGSampler": "InterleavedCFGSampler (DreamTuner)",
     "DreamTunerInterleavedCFGGuider": "InterleavedCFGGuider (DreamTuner)",
+    "DreamTunerSubjectEncoderLoader": "SubjectEncoderLoader (DreamTuner)",
+    "DreamTunerApplySubjectEncoder": "ApplySubjectEncoder (DreamTuner)",
 }

@@ -6,7 +6,8 @@ import comfyui_dreamtuner
 import tiny_models as tm
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
 
-HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN"}
+HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN", "IMAGE",
+              "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER"}
 
 
 def test_the_pack_exports_its_nodes_with_display_names():

@@ -55,22 +55,35 @@ def _post(url, payload):
         raise AssertionError(f"/prompt refused the graph: {error.read().decode()}") from None
 
 
-def _checkpoint():
+def _asset(kind, name):
+    """A random-weight model file made by the ComfyUI under test (cached between runs)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / "sd15-random.safetensors"
+    path = CACHE / name
     if not path.exists():
-        subprocess.run([_python(), str(ROOT / "tests" / "tier2_assets.py"), "sd15-checkpoint", str(path)],
+        subprocess.run([_python(), str(ROOT / "tests" / "tier2_assets.py"), kind, str(path)],
                        cwd=COMFYUI_PATH, check=True, timeout=600)
+    return path
+
+
+def _untrained_encoder(folder):
+    path = folder / "dreamtuner_sd15_untrained.safetensors"
+    subprocess.run([_python(), str(ROOT / "scripts" / "make_untrained_encoder.py"), "--family", "sd15", "--out",
+                    str(path)], cwd=COMFYUI_PATH, check=True, timeout=600)
     return path
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-base")
-    for sub in ("custom_nodes", "models/checkpoints", "input", "output", "user"):
+    for sub in ("custom_nodes", "models/checkpoints", "models/clip_vision", "models/dreamtuner", "input",
+                "output", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "comfyui-dreamtuner").symlink_to(ROOT, target_is_directory=True)
-    (base / "models" / "checkpoints" / "sd15-random.safetensors").symlink_to(_checkpoint())
+    (base / "models" / "checkpoints" / "sd15-random.safetensors").symlink_to(
+        _asset("sd15-checkpoint", "sd15-random.safetensors"))
+    (base / "models" / "clip_vision" / "vit-h-random.safetensors").symlink_to(
+        _asset("vit-h-clip-vision", "vit-h-random.safetensors"))
+    _untrained_encoder(base / "models" / "dreamtuner")
     from PIL import Image, ImageDraw
 
     subject = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
@@ -207,3 +220,28 @@ def test_the_interleaved_guider_with_sampler_custom_advanced_completes(server):
     })
     entry = _run(url, graph)
     assert len(entry["outputs"]["save"]["images"]) == 1
+
+
+def test_the_encoder_folder_is_registered_and_lists_the_file(server):
+    url, _, _ = server
+    info = _get(f"{url}/object_info/DreamTunerSubjectEncoderLoader")["DreamTunerSubjectEncoderLoader"]
+    assert info["input"]["required"]["encoder_name"][0] == ["dreamtuner_sd15_untrained.safetensors"]
+
+
+def test_clip_vision_encoder_and_ssa_graph_completes(server):
+    url, _, _ = server
+    graph = ssa_graph()
+    graph.update({
+        "clip_vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "vit-h-random.safetensors"}},
+        "encoder": {"class_type": "DreamTunerSubjectEncoderLoader", "inputs": {
+            "encoder_name": "dreamtuner_sd15_untrained.safetensors"}},
+        "apply": {"class_type": "DreamTunerApplySubjectEncoder", "inputs": {
+            "model": ["ckpt", 0], "subject_encoder": ["encoder", 0], "clip_vision": ["clip_vision", 0],
+            "image": ["subject", 0], "mask": ["subject", 1], "mask_mode": "background is 1 (LoadImage alpha)",
+            "beta": 0.2, "start_percent": 0.0, "end_percent": 1.0}},
+        "seen": {"class_type": "SaveImage", "inputs": {"images": ["apply", 1], "filename_prefix": "encoder_input"}},
+    })
+    graph["ssa"]["inputs"]["model"] = ["apply", 0]
+    entry = _run(url, graph)
+    assert len(entry["outputs"]["save"]["images"]) == 1
+    assert len(entry["outputs"]["seen"]["images"]) == 1

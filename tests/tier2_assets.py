@@ -4,6 +4,7 @@ Run with the Python of the ComfyUI installation under test, so the files are
 made by that installation's own classes:
 
     python tests/tier2_assets.py sd15-checkpoint OUT.safetensors
+    python tests/tier2_assets.py vit-h-clip-vision OUT.safetensors
 
 The SD1.5 checkpoint is the original single-file layout (UNet under
 ``model.diffusion_model.``, CLIP-L text under ``cond_stage_model.transformer.``,
@@ -65,8 +66,27 @@ def sd15_checkpoint(path):
     os.replace(tmp, path)
 
 
+def vit_h_clip_vision(path):
+    """OpenCLIP ViT-H/14 image encoder in the layout the core CLIPVisionLoader loads (as IP-Adapter users have)."""
+    import comfy.clip_vision
+    import comfy.utils
+
+    config = os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_h.json")
+    model = comfy.clip_vision.ClipVisionModel(config)
+    init_(model.model, 4)
+    tmp = f"{path}.partial"
+    comfy.utils.save_torch_file({k: v.half().contiguous() for k, v in model.model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+MAKERS = {"sd15-checkpoint": sd15_checkpoint, "vit-h-clip-vision": vit_h_clip_vision}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "sd15-checkpoint":
+    if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:
         sys.exit(__doc__)
     sys.path.insert(0, os.getcwd())
-    sd15_checkpoint(sys.argv[2])
+    if not torch.cuda.is_available():
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+    MAKERS[sys.argv[1]](sys.argv[2])

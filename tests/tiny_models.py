@@ -51,8 +51,22 @@ FLUX_TINY = dict(
 )
 
 
-def init_weights(module: torch.nn.Module, seed: int = 0, scale: float = 1.0):
-    """Seeded explicit initialisation: fan-in scaled normal weights, small biases, unit norms."""
+def _flux_fields_of_this_host():
+    """Fields current ComfyUI's FluxParams requires and the late-2024 one lacks."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
+
+
+def init_weights(module: torch.nn.Module, seed: int = 0, scale: float = 1.0, fp16_exact: bool = False):
+    """Seeded explicit initialisation: fan-in scaled normal weights, small biases, unit norms.
+
+    fp16_exact rounds every value to one fp16 holds exactly, so a host model that stores
+    fp16 weights (ComfyUI's CLIP vision on the CPU) computes with exactly the same weights.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -63,7 +77,7 @@ def init_weights(module: torch.nn.Module, seed: int = 0, scale: float = 1.0):
                 value = torch.ones(p.shape)
             else:
                 value = torch.randn(p.shape, generator=generator) * 0.02
-            p.copy_(value.to(p.dtype))
+            p.copy_((value.half() if fp16_exact else value).to(p.dtype))
     return module
 
 
@@ -77,7 +91,10 @@ def build(family: str = "sd15", seed: int = 0, unet_config=None):
         "flux": (comfy.supported_models.Flux, FLUX_TINY),
     }
     config_class, default = classes[family]
-    config = config_class(dict(unet_config or default))
+    unet_config = dict(unet_config or default)
+    if family == "flux":
+        unet_config.update(_flux_fields_of_this_host())
+    config = config_class(unet_config)
     if family == "sd21":  # SD2.x 768-v: v-prediction
         model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
     else:
@@ -191,3 +208,28 @@ def apply_controlnet(conditioning, control_net, image, strength=1.0, start=0.0, 
         extra["control_apply_to_uncond"] = False
         out.append([cond, extra])
     return out
+
+
+def clip_vision(width=16, layers=26, heads=2, image_size=28, patch_size=14, seed=21):
+    """A host CLIP vision model (comfy.clip_vision.ClipVisionModel) from a small config, seeded fp32 weights."""
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+
+    config = {"hidden_act": "gelu", "hidden_size": width, "image_size": image_size, "intermediate_size": width * 4,
+              "model_type": "clip_vision_model", "num_attention_heads": heads, "num_channels": 3,
+              "num_hidden_layers": layers, "patch_size": patch_size, "projection_dim": width,
+              "torch_dtype": "float32"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(config, handle)
+    model = comfy.clip_vision.ClipVisionModel(handle.name)
+    init_weights(model.model, seed)
+    model.model.to(torch.float32)
+    return model
+
+
+def image(seed, height=32, width=32, batch=1):
+    """An IMAGE (ComfyUI layout [B, H, W, 3] in [0, 1])."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, height, width, 3), generator=generator)

@@ -1,0 +1,128 @@
+"""Applying a subject encoder to a ModelPatcher clone (the ApplySubjectEncoder node's work).
+
+The reference image is prepared as the paper does (background replaced by
+white where a mask is given), encoded once per run (CLIP vision, then the
+ResBlocks) and projected to each S-E-A layer's keys/values once per device;
+every model evaluation only runs the S-E-A queries and Eq. 1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from . import host
+from .clip_features import clip_layer_features, clip_vision_shape
+from .errors import DreamTunerInputError
+from .interleaved_cfg import ENCODER_OFF_KEY
+from .reference_pass import layer_key
+from .references import MASK_BACKGROUND_IS_ONE, MASK_MODES, MASK_SUBJECT_IS_ONE
+from .subject_encoder import SubjectEncoder, check_compatible, subject_encoder_attention
+
+
+def white_background(image, mask=None, mask_mode=MASK_SUBJECT_IS_ONE):
+    """IMAGE [B, H, W, 3] with the background (mask 0) replaced by white; the mask is resized to the image."""
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise DreamTunerInputError(f"image must be an IMAGE [batch, height, width, 3]; got shape {list(image.shape)}.")
+    image = image[..., :3].float()
+    if mask is None:
+        return image
+    if mask_mode not in MASK_MODES:
+        raise DreamTunerInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
+    mask = mask[None] if mask.ndim == 2 else mask
+    if mask.shape[0] not in (1, image.shape[0]):
+        raise DreamTunerInputError(
+            f"mask has a batch of {mask.shape[0]} but image has {image.shape[0]}: give one mask or one per image.")
+    mask = mask.float().clamp(0, 1)
+    if mask_mode == MASK_BACKGROUND_IS_ONE:
+        mask = 1.0 - mask
+    if not (mask > 0).flatten(1).any(dim=1).all():
+        raise DreamTunerInputError(
+            "mask selects no subject pixels in at least one image. If it comes from LoadImage's alpha, set "
+            f"mask_mode to {MASK_BACKGROUND_IS_ONE!r}; or leave mask unconnected to encode the whole image.")
+    if mask.shape[-2:] != image.shape[1:3]:  # documented automatic fix: any mask size works
+        mask = F.interpolate(mask[:, None], size=image.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    m = mask[..., None].to(image)
+    return image * m + (1.0 - m)
+
+
+class SubjectEncoderPatch:
+    """``middle_patch``: Eq. 1 in every transformer block, between self- and cross-attention.
+
+    Holds SE(r) (already encoded) and the S-E-A layers; immutable, so clones share it.
+    Each layer is cast once per device and dtype, with its keys/values of SE(r).
+    """
+
+    def __init__(self, encoder: SubjectEncoder, tokens, beta, sigma_start, sigma_end):
+        self.encoder, self.tokens, self.beta = encoder, tokens, float(beta)
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self._cast = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def layer(self, name, like):
+        """(S-E-A layer, keys, values) on ``like``'s device and dtype."""
+        key = (name, like.device, like.dtype)
+        if key not in self._cast:
+            attention = copy.deepcopy(self.encoder.attention[name]).to(device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                tokens = self.tokens.to(device=like.device, dtype=like.dtype)
+                self._cast[key] = (attention, attention.to_k(tokens), attention.to_v(tokens))
+        return self._cast[key]
+
+    def __call__(self, x, extra_options):
+        sigmas = extra_options.get("sigmas")
+        if sigmas is not None and not (self.sigma_end <= float(sigmas.max()) <= self.sigma_start):
+            return x
+        layer = layer_key(extra_options)
+        name = "_".join(str(p) for p in layer) if layer is not None else None
+        if name not in self.encoder.attention:
+            return x
+        attention, k, v = self.layer(name, x)
+        fn = host.attention_function()
+        return subject_encoder_attention(x, attention, k, v, self._row_beta(x, extra_options), fn,
+                                         **host.attention_kwargs(fn, extra_options))
+
+    def _row_beta(self, x, extra_options):
+        """beta, or per row 0 for the conditionings a guider evaluates without the encoder."""
+        off = extra_options.get(ENCODER_OFF_KEY)
+        if not off:
+            return self.beta
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        per_chunk = x.shape[0] // len(chunks)
+        rows = [0.0 if index in off else self.beta for index in chunks for _ in range(per_chunk)]
+        return torch.tensor(rows, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+
+
+def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, mask=None,
+                          mask_mode=MASK_SUBJECT_IS_ONE, beta=0.2, start_percent=0.0, end_percent=1.0):
+    """A clone of ``model`` with the encoder's S-E-A layers; returns (model, the image the encoder saw).
+
+    Several images are several photos of one subject: their encoded tokens are averaged.
+    """
+    check_compatible(encoder.config, model, source=f"subject encoder '{getattr(encoder, 'source', 'given')}'")
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise DreamTunerInputError(
+            f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent}), both in [0, 1].")
+    if not beta == beta:
+        raise DreamTunerInputError("beta must be a number.")
+    layers, width = clip_vision_shape(clip_vision)
+    config = encoder.config
+    if width != config.clip_width or layers < max(config.clip_layers):
+        raise DreamTunerInputError(
+            f"clip_vision has {layers} layers of width {width}; the subject encoder needs at least "
+            f"{max(config.clip_layers)} layers of width {config.clip_width} (layers {list(config.clip_layers)}, "
+            "e.g. OpenCLIP ViT-H/14 as used by IP-Adapter). Load the CLIP vision model the encoder was trained with.")
+    prepared = white_background(image, mask, mask_mode)
+    features = clip_layer_features(clip_vision, prepared, config.clip_layers)
+    with torch.no_grad():
+        tokens = encoder.encode(features.float().cpu()).mean(dim=0, keepdim=True)
+    sampling = host.model_sampling(model)
+    patch = SubjectEncoderPatch(encoder, tokens, beta, float(sampling.percent_to_sigma(start_percent)),
+                                float(sampling.percent_to_sigma(end_percent)))
+    clone = model.clone()
+    clone.set_model_patch(patch, "middle_patch")
+    return clone, prepared
