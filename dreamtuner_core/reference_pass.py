@@ -143,16 +143,24 @@ class SelfSubjectAttentionReplace:
         n = call.n_generated
         if call.reference_rows:
             self._record(k, v, call, layer)
-        outputs = []
-        for start, end, sigma in call.groups:
+        # Runs of rows with the same features; rows without any (self-subject-attention off for that
+        # conditioning, and the reference rows themselves) share one plain attention call.
+        runs = []
+        for start, end, sigma in call.groups + [(n, q.shape[0], None)]:
             features = call.levels[sigma].get(layer) if sigma is not None else None
+            if end == start:
+                continue
+            if runs and features is None and runs[-1][2] is None and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end, None)
+            else:
+                runs.append((start, end, features))
+        outputs = []
+        for start, end, features in runs:
             qs, ks, vs = q[start:end], k[start:end], v[start:end]
             if features is None:
                 outputs.append(attention(qs, ks, vs, heads, **kwargs))
             else:
                 outputs.append(self_subject_attention(qs, ks, vs, *features, heads, biased, **biased_kwargs))
-        if n < q.shape[0]:
-            outputs.append(attention(q[n:], k[n:], v[n:], heads, **kwargs))
         return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 
     @staticmethod
@@ -189,6 +197,13 @@ class ReferenceBatchWrapper:
 
 
 def apply_with_references(apply_model, x, t, **c):
+    """``apply_model(x, t, **c)`` with the reference features this evaluation needs made available.
+
+    Decides, per conditioning chunk, the reference noise level it reads (the
+    guider's plan, or the step's sigma), makes the missing levels' features
+    (riding along in this call, or in a call of their own) and returns only
+    the generated rows' output.
+    """
     options = c.get("transformer_options") or {}
     state = options.get(STATE_KEY)
     sigma = float(t.max())

@@ -112,6 +112,7 @@ def test_reference_noise_levels_are_those_of_t_minus_dt_and_t_plus_dt_prime(sd15
         plus = float(sampling.sigma(torch.clamp(t + 100, 0, 999)))
         expected.append(sorted({round(minus, 5), round(plus, 5)}))
     assert levels == expected
+    assert expected[0][-1] == round(float(sigmas[0]), 5)  # t + dt' past the schedule's end is clamped to it
     assert counter.items == [4] * 3  # cond + uncond + the reference at two noise levels
 
 

@@ -83,7 +83,12 @@ def server(tmp_path_factory):
         _asset("sd15-checkpoint", "sd15-random.safetensors"))
     (base / "models" / "clip_vision" / "vit-h-random.safetensors").symlink_to(
         _asset("vit-h-clip-vision", "vit-h-random.safetensors"))
-    _untrained_encoder(base / "models" / "dreamtuner")
+    encoder = _untrained_encoder(base / "models" / "dreamtuner")
+    # A second folder for encoders, given the way users do: extra_model_paths.yaml.
+    extra = base / "elsewhere"
+    extra.mkdir()
+    (extra / "from_extra_paths.safetensors").symlink_to(encoder)
+    (base / "extra_model_paths.yaml").write_text(f"mine:\n    dreamtuner: {extra}\n")
     from PIL import Image, ImageDraw
 
     subject = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
@@ -95,7 +100,7 @@ def server(tmp_path_factory):
     log = open(log_path, "w")
     process = subprocess.Popen(
         [_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-         "--database-url", "sqlite:///:memory:"],
+         "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(base / "extra_model_paths.yaml")],
         cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -225,7 +230,8 @@ def test_the_interleaved_guider_with_sampler_custom_advanced_completes(server):
 def test_the_encoder_folder_is_registered_and_lists_the_file(server):
     url, _, _ = server
     info = _get(f"{url}/object_info/DreamTunerSubjectEncoderLoader")["DreamTunerSubjectEncoderLoader"]
-    assert info["input"]["required"]["encoder_name"][0] == ["dreamtuner_sd15_untrained.safetensors"]
+    assert sorted(info["input"]["required"]["encoder_name"][0]) == [
+        "dreamtuner_sd15_untrained.safetensors", "from_extra_paths.safetensors"]
 
 
 def test_clip_vision_encoder_and_ssa_graph_completes(server):
