@@ -55,7 +55,7 @@ def main():
         print(f"{name:24s} {time.perf_counter() - start:6.2f} s, UNet items per step: {counter.items[0]}")
     counter.close()
     moved = (results["self_subject_attention"] - results["plain"]).norm() / results["plain"].norm()
-    print(f"relative change of the sample from the reference: {moved:.3f} (omega_ref={args.omega_ref})")
+    print(f"the reference changed the sample by {moved:.1%} (relative L2, omega_ref={args.omega_ref})")
     import comfy.utils
 
     comfy.utils.save_torch_file({k: v.contiguous() for k, v in results.items()}, args.out)

@@ -139,13 +139,24 @@ def _run(url, graph, timeout=600):
     raise AssertionError(f"graph did not finish in {timeout} s")
 
 
+PACK_NODES = {
+    NODE: "Self-Subject-Attention (DreamTuner)",
+    "DreamTunerInterleavedCFGSampler": "InterleavedCFGSampler (DreamTuner)",
+    "DreamTunerInterleavedCFGGuider": "InterleavedCFGGuider (DreamTuner)",
+    "DreamTunerSubjectEncoderLoader": "SubjectEncoderLoader (DreamTuner)",
+    "DreamTunerApplySubjectEncoder": "ApplySubjectEncoder (DreamTuner)",
+}
+
+
 def test_the_pack_loads_without_import_errors_and_shows_its_tooltips(server):
     url, _, log_path = server
-    info = _get(f"{url}/object_info/{NODE}")[NODE]
-    assert info["display_name"] == "Self-Subject-Attention (DreamTuner)"
-    assert info["category"] == "DreamTuner"
-    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
-    assert all(len(spec[1].get("tooltip", "")) > 20 for spec in inputs.values())
+    everything = _get(f"{url}/object_info")
+    for name, display in PACK_NODES.items():
+        info = everything[name]
+        assert info["display_name"] == display and info["category"] == "DreamTuner"
+        inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        assert all(len(spec[1].get("tooltip", "")) > 20 for spec in inputs.values()), name
+        assert info["description"] and len(info["output_tooltips"]) == len(info["output"])
     log = log_path.read_text()
     assert "IMPORT FAILED" not in log
     pack_lines = [line for line in log.splitlines() if "dreamtuner" in line.lower()
