@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from . import host
 from .errors import DreamTunerInputError
-from .references import MASK_SUBJECT_IS_ONE, Reference, check_reference_latent, prepare_masks, reference_noise
+from .references import (MASK_SUBJECT_IS_ONE, Reference, check_reference_latent, prepare_masks, reference_noise,
+                         sigma_range)
 from .reference_pass import (
     STATE_KEY,
     ReferenceBatchWrapper,
@@ -112,18 +113,11 @@ def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, referen
     """
     available = host.self_attention_layers(model)
     samples = check_reference_latent(reference_latent, host.latent_channels(model))
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise DreamTunerInputError(
-            f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent}), and "
-            "both lie in [0, 1]: the patch is active from start_percent to end_percent of the schedule."
-        )
+    sigma_start, sigma_end = sigma_range(host.model_sampling(model), start_percent, end_percent)
     if not (omega_ref >= 0.0 and omega_ref == omega_ref):
         raise DreamTunerInputError(f"omega_ref must be 0 or more, got {omega_ref}.")
     layers = parse_blocks(blocks, available)
     masks = prepare_masks(reference_mask, samples.shape[0], mask_mode)
-    sampling = host.model_sampling(model)
-    sigma_start = float(sampling.percent_to_sigma(start_percent))
-    sigma_end = float(sampling.percent_to_sigma(end_percent))
     if reference_context is not None:
         reference_context = reference_context[:1].detach().float().cpu()
     references = [

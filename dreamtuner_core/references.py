@@ -83,47 +83,57 @@ def token_grid(latent_hw, tokens: int):
     return h, w
 
 
-def prepare_masks(mask: Optional[torch.Tensor], count: int, mask_mode: str = MASK_SUBJECT_IS_ONE):
-    """Turn a ComfyUI MASK ([N, H, W] or [H, W]) into ``count`` subject masks (1 = subject).
+def subject_mask(mask: torch.Tensor, count: int, mask_mode: str = MASK_SUBJECT_IS_ONE, name: str = "reference_mask",
+                 items: str = "reference latents") -> torch.Tensor:
+    """A ComfyUI MASK ([N, H, W] or [H, W]) as validated subject masks [1 or count, H, W], 1 = subject.
 
-    A batch of 1 serves every reference; otherwise the batch must equal ``count``.
+    A batch of 1 serves every item; otherwise the batch must equal ``count``.
     """
-    if mask is None:
-        return [None] * count
     if mask_mode not in MASK_MODES:
         raise DreamTunerInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
-        raise DreamTunerInputError(
-            f"reference_mask must be a MASK of shape [batch, height, width]; got shape {list(mask.shape)}."
-        )
+        raise DreamTunerInputError(f"{name} must be a MASK of shape [batch, height, width]; got shape {list(mask.shape)}.")
     if mask.shape[0] not in (1, count):
         raise DreamTunerInputError(
-            f"reference_mask has a batch of {mask.shape[0]} but there are {count} reference latents: "
-            f"give one mask for all references or exactly {count}, in the same order."
-        )
+            f"{name} has a batch of {mask.shape[0]} but there are {count} {items}: give one mask for all "
+            f"or exactly {count}, in the same order.")
     if not torch.isfinite(mask).all():
-        raise DreamTunerInputError("reference_mask contains NaN or infinite values; give a mask in [0, 1].")
+        raise DreamTunerInputError(f"{name} contains NaN or infinite values; give a mask in [0, 1].")
     mask = mask.float().clamp(0.0, 1.0)
     if mask_mode == MASK_BACKGROUND_IS_ONE:
         mask = 1.0 - mask
-    masks = [mask[i if mask.shape[0] == count else 0] for i in range(count)]
-    for i, m in enumerate(masks):
+    for i, m in enumerate(mask):
         if not (m > 0).any():
             raise DreamTunerInputError(
-                f"reference_mask {i} selects no subject pixels (it is all zero with mask_mode "
-                f"{mask_mode!r}). If the mask comes from LoadImage's alpha (1 on transparent "
-                f"background), set mask_mode to {MASK_BACKGROUND_IS_ONE!r}; or leave reference_mask "
-                "unconnected to use the whole reference."
-            )
-    return masks
+                f"{name} selects no subject pixels in item {i} (it is all zero with mask_mode {mask_mode!r}). "
+                f"If the mask comes from LoadImage's alpha (1 on transparent background), set mask_mode to "
+                f"{MASK_BACKGROUND_IS_ONE!r}; or leave {name} unconnected to use the whole image.")
+    return mask
+
+
+def prepare_masks(mask: Optional[torch.Tensor], count: int, mask_mode: str = MASK_SUBJECT_IS_ONE):
+    """One subject mask (or None: the whole reference) per reference latent."""
+    if mask is None:
+        return [None] * count
+    masks = subject_mask(mask, count, mask_mode)
+    return [masks[i if masks.shape[0] == count else 0] for i in range(count)]
 
 
 def reference_noise(shape, seed: int) -> torch.Tensor:
     """Seeded standard-normal noise for the reference, fixed for a whole run (CPU, float32)."""
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def sigma_range(model_sampling, start_percent: float, end_percent: float):
+    """(sigma_start, sigma_end) of a patch active from start_percent to end_percent of the schedule."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise DreamTunerInputError(
+            f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent}), and "
+            "both lie in [0, 1]: the patch is active from start_percent to end_percent of the schedule.")
+    return float(model_sampling.percent_to_sigma(start_percent)), float(model_sampling.percent_to_sigma(end_percent))
 
 
 def check_reference_latent(samples, latent_channels: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .clip_features import clip_layer_features, clip_vision_shape
 from .errors import DreamTunerInputError
 from .interleaved_cfg import ENCODER_OFF_KEY
 from .reference_pass import layer_key
-from .references import MASK_BACKGROUND_IS_ONE, MASK_MODES, MASK_SUBJECT_IS_ONE
+from .references import MASK_SUBJECT_IS_ONE, sigma_range, subject_mask
 from .subject_encoder import SubjectEncoder, check_compatible, subject_encoder_attention
 
 
@@ -29,19 +29,7 @@ def white_background(image, mask=None, mask_mode=MASK_SUBJECT_IS_ONE):
     image = image[..., :3].float()
     if mask is None:
         return image
-    if mask_mode not in MASK_MODES:
-        raise DreamTunerInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
-    mask = mask[None] if mask.ndim == 2 else mask
-    if mask.shape[0] not in (1, image.shape[0]):
-        raise DreamTunerInputError(
-            f"mask has a batch of {mask.shape[0]} but image has {image.shape[0]}: give one mask or one per image.")
-    mask = mask.float().clamp(0, 1)
-    if mask_mode == MASK_BACKGROUND_IS_ONE:
-        mask = 1.0 - mask
-    if not (mask > 0).flatten(1).any(dim=1).all():
-        raise DreamTunerInputError(
-            "mask selects no subject pixels in at least one image. If it comes from LoadImage's alpha, set "
-            f"mask_mode to {MASK_BACKGROUND_IS_ONE!r}; or leave mask unconnected to encode the whole image.")
+    mask = subject_mask(mask, image.shape[0], mask_mode, name="mask", items="images")
     if mask.shape[-2:] != image.shape[1:3]:  # documented automatic fix: any mask size works
         mask = F.interpolate(mask[:, None], size=image.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
     m = mask[..., None].to(image)
@@ -104,9 +92,7 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
     Several images are several photos of one subject: their encoded tokens are averaged.
     """
     check_compatible(encoder.config, model, source=f"subject encoder '{getattr(encoder, 'source', 'given')}'")
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise DreamTunerInputError(
-            f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent}), both in [0, 1].")
+    sigma_start, sigma_end = sigma_range(host.model_sampling(model), start_percent, end_percent)
     if not beta == beta:
         raise DreamTunerInputError("beta must be a number.")
     layers, width = clip_vision_shape(clip_vision)
@@ -120,9 +106,7 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
     features = clip_layer_features(clip_vision, prepared, config.clip_layers)
     with torch.no_grad():
         tokens = encoder.encode(features.float().cpu()).mean(dim=0, keepdim=True)
-    sampling = host.model_sampling(model)
-    patch = SubjectEncoderPatch(encoder, tokens, beta, float(sampling.percent_to_sigma(start_percent)),
-                                float(sampling.percent_to_sigma(end_percent)))
+    patch = SubjectEncoderPatch(encoder, tokens, beta, sigma_start, sigma_end)
     clone = model.clone()
     clone.set_model_patch(patch, "middle_patch")
     return clone, prepared
