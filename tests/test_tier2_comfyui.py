@@ -75,14 +75,17 @@ def _untrained_encoder(folder):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-base")
-    for sub in ("custom_nodes", "models/checkpoints", "models/clip_vision", "models/dreamtuner", "input",
-                "output", "user"):
+    for sub in ("custom_nodes", "models/checkpoints", "models/clip_vision", "models/dreamtuner", "models/controlnet",
+                "models/loras", "input", "output", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "comfyui-dreamtuner").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "checkpoints" / "sd15-random.safetensors").symlink_to(
         _asset("sd15-checkpoint", "sd15-random.safetensors"))
     (base / "models" / "clip_vision" / "vit-h-random.safetensors").symlink_to(
         _asset("vit-h-clip-vision", "vit-h-random.safetensors"))
+    (base / "models" / "controlnet" / "control-random.safetensors").symlink_to(
+        _asset("sd15-controlnet", "sd15-controlnet-random.safetensors"))
+    (base / "models" / "loras" / "lora-random.safetensors").symlink_to(_asset("sd15-lora", "sd15-lora-random.safetensors"))
     encoder = _untrained_encoder(base / "models" / "dreamtuner")
     # A second folder for encoders, given the way users do: extra_model_paths.yaml.
     extra = base / "elsewhere"
@@ -262,3 +265,21 @@ def test_clip_vision_encoder_and_ssa_graph_completes(server):
     entry = _run(url, graph)
     assert len(entry["outputs"]["save"]["images"]) == 1
     assert len(entry["outputs"]["seen"]["images"]) == 1
+
+
+def test_ssa_with_the_core_lora_loader_and_controlnet_apply_advanced(server):
+    url, _, _ = server
+    graph = ssa_graph()
+    graph.update({
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                        "lora_name": "lora-random.safetensors",
+                                                        "strength_model": 0.7, "strength_clip": 0.0}},
+        "control": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "control-random.safetensors"}},
+        "apply_control": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["control", 0], "image": ["subject", 0],
+            "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0, "vae": ["ckpt", 2]}},
+    })
+    graph["ssa"]["inputs"]["model"] = ["lora", 0]
+    graph["sample"]["inputs"].update(positive=["apply_control", 0], negative=["apply_control", 1])
+    entry = _run(url, graph)
+    assert len(entry["outputs"]["save"]["images"]) == 1

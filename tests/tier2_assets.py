@@ -5,6 +5,8 @@ made by that installation's own classes:
 
     python tests/tier2_assets.py sd15-checkpoint OUT.safetensors
     python tests/tier2_assets.py vit-h-clip-vision OUT.safetensors
+    python tests/tier2_assets.py sd15-controlnet OUT.safetensors
+    python tests/tier2_assets.py sd15-lora OUT.safetensors
 
 The SD1.5 checkpoint is the original single-file layout (UNet under
 ``model.diffusion_model.``, CLIP-L text under ``cond_stage_model.transformer.``,
@@ -79,7 +81,53 @@ def vit_h_clip_vision(path):
     os.replace(tmp, path)
 
 
-MAKERS = {"sd15-checkpoint": sd15_checkpoint, "vit-h-clip-vision": vit_h_clip_vision}
+def _sd15_unet_config():
+    return dict(
+        image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
+        num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+        num_heads=8,
+    )
+
+
+def sd15_controlnet(path):
+    """An SD1.5 ControlNet in the original layout (what ControlNetLoader loads for pose/depth models)."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.utils
+
+    config = {k: v for k, v in _sd15_unet_config().items() if k != "out_channels"}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                         dtype=torch.float32, device="cpu", **config)
+    init_(control, 5)
+    tmp = f"{path}.partial"
+    comfy.utils.save_torch_file({f"control_model.{k}": v.half().contiguous() for k, v in control.state_dict().items()},
+                                tmp)
+    os.replace(tmp, path)
+
+
+def sd15_lora(path, rank=4):
+    """A kohya-format LoRA on every UNet attention projection (what LoraLoader loads)."""
+    import comfy.lora
+    import comfy.supported_models
+    import comfy.utils
+
+    base = comfy.supported_models.SD15(_sd15_unet_config()).get_model({}, device="meta")
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    generator = torch.Generator().manual_seed(6)
+    tensors = {}
+    for key, target in comfy.lora.model_lora_keys_unet(base, {}).items():
+        if key.startswith("lora_unet_") and key.endswith(("attn1_to_q", "attn1_to_k", "attn1_to_v")):
+            out_features, in_features = shapes[target][:2]
+            tensors[f"{key}.lora_up.weight"] = (torch.randn((out_features, rank), generator=generator) * 0.05).half()
+            tensors[f"{key}.lora_down.weight"] = (torch.randn((rank, in_features), generator=generator) * 0.05).half()
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    comfy.utils.save_torch_file(tensors, path)
+
+
+MAKERS = {"sd15-checkpoint": sd15_checkpoint, "vit-h-clip-vision": vit_h_clip_vision,
+          "sd15-controlnet": sd15_controlnet, "sd15-lora": sd15_lora}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:
