@@ -37,18 +37,13 @@ if not torch.cuda.is_available():
 import conftest  # noqa: E402  (loads the pack as ComfyUI does)
 import tiny_models as tm  # noqa: E402
 
+from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET  # noqa: E402
 from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import sample_interleaved  # noqa: E402
 from comfyui_dreamtuner.dreamtuner_core.subject_encoder import (  # noqa: E402
     EncoderConfig, SubjectEncoder, attention_layout)
 from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import apply_subject_encoder  # noqa: E402
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch  # noqa: E402
 
-SD15_FULL = dict(
-    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
-    num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1, num_heads=8,
-    context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-)
 
 
 class PeakMemory:
@@ -99,7 +94,7 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    model = tm.build("sd15", unet_config=SD15_FULL)
+    model = tm.build("sd15", unet_config=SD15_UNET)
     model.model.diffusion_model.to(dtype)
     model.model.manual_cast_dtype = None
     if device.type == "cuda":

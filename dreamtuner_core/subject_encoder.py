@@ -28,6 +28,11 @@ from .errors import DreamTunerInputError
 PAPER_CLIP_LAYERS = (25, 4, 8, 12, 16)
 
 
+def layer_name(layer) -> str:
+    """The S-E-A module name of a UNet layer key, e.g. ("input", 1, 0) -> "input_1_0"."""
+    return "_".join(str(p) for p in layer)
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """One S-E-A layer: the UNet transformer block it serves and that block's cross-attention shape."""
@@ -39,7 +44,7 @@ class AttentionShape:
 
     @property
     def name(self):
-        return "_".join(str(p) for p in self.layer)
+        return layer_name(self.layer)
 
 
 @dataclass(frozen=True)

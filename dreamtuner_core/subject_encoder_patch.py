@@ -19,7 +19,7 @@ from .errors import DreamTunerInputError
 from .interleaved_cfg import ENCODER_OFF_KEY
 from .reference_pass import layer_key
 from .references import MASK_SUBJECT_IS_ONE, sigma_range, subject_mask
-from .subject_encoder import SubjectEncoder, check_compatible, subject_encoder_attention
+from .subject_encoder import SubjectEncoder, check_compatible, layer_name, subject_encoder_attention
 
 
 def white_background(image, mask=None, mask_mode=MASK_SUBJECT_IS_ONE):
@@ -66,7 +66,7 @@ class SubjectEncoderPatch:
         if sigmas is not None and not (self.sigma_end <= float(sigmas.max()) <= self.sigma_start):
             return x
         layer = layer_key(extra_options)
-        name = "_".join(str(p) for p in layer) if layer is not None else None
+        name = layer_name(layer) if layer is not None else None
         if name not in self.encoder.attention:
             return x
         attention, k, v = self.layer(name, x)

@@ -21,6 +21,9 @@ import sys
 
 import torch
 
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from dreamtuner_core.families import SD15_UNET  # noqa: E402  (after ComfyUI's own modules on the path)
+
 
 def init_(module, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -43,12 +46,7 @@ def sd15_checkpoint(path):
     import comfy.utils
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    unet_config = dict(
-        image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
-        num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-    )
+    unet_config = dict(SD15_UNET)
     state = {}
     unet = comfy.supported_models.SD15(unet_config).get_model({}, device="cpu").diffusion_model
     for k, v in init_(unet, 1).state_dict().items():
@@ -81,23 +79,14 @@ def vit_h_clip_vision(path):
     os.replace(tmp, path)
 
 
-def _sd15_unet_config():
-    return dict(
-        image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
-        num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-        num_heads=8,
-    )
-
-
 def sd15_controlnet(path):
     """An SD1.5 ControlNet in the original layout (what ControlNetLoader loads for pose/depth models)."""
     import comfy.cldm.cldm
     import comfy.ops
     import comfy.utils
 
-    config = {k: v for k, v in _sd15_unet_config().items() if k != "out_channels"}
+    config = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
+    config["num_heads"] = 8  # what the SD15 model config adds for the UNet
     control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
                                          dtype=torch.float32, device="cpu", **config)
     init_(control, 5)
@@ -113,7 +102,7 @@ def sd15_lora(path, rank=4):
     import comfy.supported_models
     import comfy.utils
 
-    base = comfy.supported_models.SD15(_sd15_unet_config()).get_model({}, device="meta")
+    base = comfy.supported_models.SD15(dict(SD15_UNET)).get_model({}, device="meta")
     shapes = {k: v.shape for k, v in base.state_dict().items()}
     generator = torch.Generator().manual_seed(6)
     tensors = {}
