@@ -4,6 +4,7 @@ Run with the Python of the ComfyUI installation under test, so the files are
 made by that installation's own classes:
 
     python tests/tier2_assets.py sd15-checkpoint OUT.safetensors
+    python tests/tier2_assets.py sdxl-checkpoint OUT.safetensors
     python tests/tier2_assets.py vit-h-clip-vision OUT.safetensors
     python tests/tier2_assets.py sd15-controlnet OUT.safetensors
     python tests/tier2_assets.py sd15-lora OUT.safetensors
@@ -22,7 +23,7 @@ import sys
 import torch
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from dreamtuner_core.families import SD15_UNET  # noqa: E402  (after ComfyUI's own modules on the path)
+from dreamtuner_core.families import SD15_UNET, SDXL_UNET  # noqa: E402  (after ComfyUI's own modules on the path)
 
 
 def init_(module, seed):
@@ -37,6 +38,10 @@ def init_(module, seed):
                 value = torch.zeros(p.shape)
             p.copy_(value.to(p.dtype))
     return module
+
+
+SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+              ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)  # SD1.5 and SDXL
 
 
 def sd15_checkpoint(path):
@@ -56,13 +61,37 @@ def sd15_checkpoint(path):
     for k, v in init_(clip.transformer, 2).state_dict().items():
         state[f"cond_stage_model.transformer.{k}"] = v.half()
     del clip
-    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
-                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
     for k, v in init_(vae, 3).state_dict().items():
         state[f"first_stage_model.{k}"] = v.half()
     tmp = f"{path}.partial"
     comfy.utils.save_torch_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def sdxl_checkpoint(path):
+    """SDXL base in the original single-file layout, as ``sd_xl_base_1.0.safetensors``, fp16.
+
+    UNet under ``model.diffusion_model.``, CLIP-L under ``conditioner.embedders.0.transformer.``, OpenCLIP
+    bigG under ``conditioner.embedders.1.model.``, VAE under ``first_stage_model.``: ComfyUI's own
+    conversion for saving. Everything is built in fp16 (the UNet alone is 2.6 B parameters).
+    """
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config.set_inference_dtype(torch.float16, None)
+    model = config.get_model({}, device="cpu")
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4).half()
+    state = model.state_dict_for_saving(init_(model.diffusion_model, 7).state_dict(), init_(clip, 8).state_dict(),
+                                        init_(vae, 9).state_dict())
+    del model, clip, vae
+    tmp = f"{path}.partial"
+    comfy.utils.save_torch_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+                                tmp)
     os.replace(tmp, path)
 
 
@@ -115,8 +144,8 @@ def sd15_lora(path, rank=4):
     comfy.utils.save_torch_file(tensors, path)
 
 
-MAKERS = {"sd15-checkpoint": sd15_checkpoint, "vit-h-clip-vision": vit_h_clip_vision,
-          "sd15-controlnet": sd15_controlnet, "sd15-lora": sd15_lora}
+MAKERS = {"sd15-checkpoint": sd15_checkpoint, "sdxl-checkpoint": sdxl_checkpoint,
+          "vit-h-clip-vision": vit_h_clip_vision, "sd15-controlnet": sd15_controlnet, "sd15-lora": sd15_lora}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:

@@ -1,0 +1,274 @@
+"""Run a ComfyUI workflow file headless: ComfyUI's own execution engine, no web page.
+
+    python scripts/run_workflow.py --comfyui /path/to/ComfyUI [--workflow W.json] [--image subject.png]
+                                   [--mask mask.png] [--prompt "..."] [--seed N] [--steps N] [--size 512x512]
+                                   [--output folder] [--set NODE_ID.INPUT=VALUE ...]
+
+It starts the installation's ComfyUI on a free local port (or uses a running
+one with ``--server``), converts the UI-format workflow to the API format
+with that installation's node definitions, uploads the images the workflow
+loads, queues it, shows progress, and writes the images into ``--output``
+(with the workflow embedded, so they can be dropped back onto the canvas).
+Without arguments other than ``--comfyui`` it runs workflow 1 on the sample
+subject shipped in ``workflows/inputs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import sys
+import tempfile
+
+from . import server as comfy_server
+from . import workflow as wf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_WORKFLOW = ROOT / "workflows" / "dreamtuner_1_single_image_new_scenes.json"
+SAMPLE_INPUTS = ROOT / "workflows" / "inputs"
+SUBJECT_TITLES = ("subject", "first frame")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="run_workflow.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_argument_group("which ComfyUI")
+    where.add_argument("--comfyui", type=pathlib.Path, help="folder of the ComfyUI installation to run")
+    where.add_argument("--python", help="that installation's Python (default: its venv/.venv if there, else this one)")
+    where.add_argument("--cpu", action="store_true", help="pass --cpu to ComfyUI (machines without a GPU)")
+    where.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
+                       help="another argument for ComfyUI's main.py, e.g. --comfy-arg=--lowvram (repeatable)")
+    where.add_argument("--server", help="use this running ComfyUI (e.g. http://127.0.0.1:8188) instead of starting one")
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--workflow", type=pathlib.Path, default=DEFAULT_WORKFLOW,
+                      help="a workflow saved by the web UI (default: workflow 1, one subject image → new scenes)")
+    what.add_argument("--image", type=pathlib.Path, help="the subject image (default: the workflow's)")
+    what.add_argument("--mask", type=pathlib.Path,
+                      help="a black-and-white mask of the subject (white = subject), put into the image's alpha")
+    what.add_argument("--prompt", help="the positive prompt")
+    what.add_argument("--negative", help="the negative prompt")
+    what.add_argument("--seed", type=int, help="the sampling seed")
+    what.add_argument("--steps", type=int, help="the number of sampling steps")
+    what.add_argument("--size", help="output size WIDTHxHEIGHT in pixels, e.g. 768x512")
+    what.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                      help="set any widget, e.g. --set 12.omega_ref=2.5 (repeatable; a local file for an image)")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("dreamtuner_output"),
+                        help="folder for the images (default: ./dreamtuner_output)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run (default 3600)")
+    args = parser.parse_args(argv)
+    if (args.comfyui is None) == (args.server is None):
+        parser.error("give either --comfyui PATH (start that ComfyUI) or --server URL (use a running one)")
+    return args
+
+
+def _installation_python(comfyui):
+    for candidate in ("venv/bin/python", ".venv/bin/python", "venv/Scripts/python.exe", ".venv/Scripts/python.exe",
+                      "../python_embeded/python.exe"):
+        if (comfyui / candidate).exists():
+            return str(comfyui / candidate)
+    return sys.executable
+
+
+@contextlib.contextmanager
+def _connect(args):
+    if args.server:
+        server = comfy_server.Server(args.server)
+        server.wait_ready(10)
+        yield server
+        return
+    python = args.python or _installation_python(args.comfyui)
+    extra = (["--cpu"] if args.cpu else []) + args.comfy_arg
+    print(f"starting ComfyUI from {args.comfyui} ...", flush=True)
+    with comfy_server.started(args.comfyui, python, extra) as server:
+        yield server
+
+
+def _active(workflow, kind=None):
+    return [n for n in workflow["nodes"] if n.get("mode", 0) == 0 and (kind is None or n["type"] == kind)]
+
+
+def _titled(nodes, prefixes):
+    return [n for n in nodes if (n.get("title") or "").lower().startswith(prefixes)] or nodes
+
+
+def _with_widget(workflow, object_info, names):
+    return [(node, name) for node in _active(workflow) if node["type"] in object_info
+            for name in names if any(w.input == name for w in wf.widgets(object_info[node["type"]]))]
+
+
+def _set_all(workflow, object_info, option, names, value):
+    targets = _with_widget(workflow, object_info, names)
+    if not targets:
+        raise wf.WorkflowError(f"{option}: the workflow has no node with a {' or '.join(names)} widget")
+    for node, name in targets:
+        wf.set_widget(node, object_info[node["type"]], name, value)
+
+
+def _parse_value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _with_mask(image, mask, folder):
+    """The subject image with ``mask`` (white = subject) as its alpha: LoadImage's MASK is then 1 on the background."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise wf.WorkflowError("--mask needs Pillow: run this with ComfyUI's Python, or put the mask into the "
+                               "image's alpha channel yourself") from None
+    with Image.open(image) as picture, Image.open(mask) as alpha:
+        rgba = picture.convert("RGBA")
+        rgba.putalpha(alpha.convert("L").resize(rgba.size))
+    target = pathlib.Path(folder) / f"{image.stem}_masked.png"
+    rgba.save(target)
+    return target
+
+
+def apply_overrides(workflow, object_info, args, scratch):
+    """The command line's choices, written into the UI workflow's widgets as the user would set them."""
+    definition = lambda node: object_info[node["type"]]  # noqa: E731
+    subject = _titled(_active(workflow, "LoadImage"), SUBJECT_TITLES)
+    if (args.image or args.mask) and not subject:
+        raise wf.WorkflowError("--image/--mask: the workflow has no LoadImage node")
+    if args.image or args.mask:
+        image = args.image or _local_image(wf.widget_values(subject[0], definition(subject[0]))["image"])
+        if image is None or not pathlib.Path(image).is_file():
+            raise wf.WorkflowError(f"--image: {image} is not a file")
+        if args.mask:
+            if not args.mask.is_file():
+                raise wf.WorkflowError(f"--mask: {args.mask} is not a file")
+            image = _with_mask(pathlib.Path(image), args.mask, scratch)
+        wf.set_widget(subject[0], definition(subject[0]), "image", str(image))
+    for option, kind, prefixes, value in (("--prompt", "CLIPTextEncode", ("positive",), args.prompt),
+                                          ("--negative", "CLIPTextEncode", ("negative",), args.negative)):
+        if value is not None:
+            nodes = [n for n in _active(workflow, kind) if (n.get("title") or "").lower().startswith(prefixes)]
+            nodes = nodes or (_active(workflow, kind)[:1] if option == "--prompt" else [])
+            if not nodes:
+                raise wf.WorkflowError(f"{option}: no CLIPTextEncode titled '{prefixes[0].title()} prompt' found")
+            wf.set_widget(nodes[0], definition(nodes[0]), "text", value)
+    if args.seed is not None:
+        _set_all(workflow, object_info, "--seed", ("seed", "noise_seed"), args.seed)
+    if args.steps is not None:
+        _set_all(workflow, object_info, "--steps", ("steps",), args.steps)
+    if args.size:
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise wf.WorkflowError(f"--size {args.size}: write it as WIDTHxHEIGHT, e.g. 768x512") from None
+        targets = [n for n in _active(workflow) if n["type"].startswith("Empty") and n["type"].endswith("LatentImage")]
+        if not targets:
+            raise wf.WorkflowError("--size: the workflow has no Empty Latent Image node")
+        for node in targets:
+            wf.set_widget(node, definition(node), "width", width)
+            wf.set_widget(node, definition(node), "height", height)
+    nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        node_id, _, name = target.partition(".")
+        if not _ or node_id not in nodes or nodes[node_id]["type"] not in object_info:
+            raise wf.WorkflowError(f"--set {item}: write NODE_ID.INPUT=VALUE with the id of a node of this workflow")
+        wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, _parse_value(value))
+
+
+def _local_image(value):
+    """A LoadImage value that names a file on this machine (a path, or a sample shipped in workflows/inputs)."""
+    for path in (pathlib.Path(value), SAMPLE_INPUTS / value):
+        if path.is_file():
+            return path
+    return None
+
+
+def upload_images(workflow, object_info, server):
+    """Send every local image a LoadImage node names to the server, as the web UI's upload button does."""
+    for node in _active(workflow, "LoadImage"):
+        value = wf.widget_values(node, object_info["LoadImage"])["image"]
+        local = _local_image(value)
+        if local is not None and value not in object_info["LoadImage"]["input"]["required"]["image"][0]:
+            wf.set_widget(node, object_info["LoadImage"], "image", server.upload_image(local))
+
+
+class Progress:
+    """Terminal progress from the server's messages: one line per node, a bar for sampling steps."""
+
+    def __init__(self, prompt, object_info, stream=sys.stdout):
+        self.prompt, self.object_info, self.stream = prompt, object_info, stream
+        self.done, self.current, self.bar = 0, None, False
+        self.tty = stream.isatty()
+
+    def name(self, node_id):
+        entry = self.prompt.get(str(node_id), {})
+        kind = entry.get("class_type", "?")
+        title = (entry.get("_meta") or {}).get("title") or self.object_info.get(kind, {}).get("display_name") or kind
+        return f"#{node_id} {title}"
+
+    def _end_bar(self):
+        if self.bar:
+            self.stream.write("\n")
+            self.bar = False
+
+    def __call__(self, kind, data):
+        if kind == "execution_cached":
+            self.done += len(data.get("nodes") or ())
+        elif kind == "executing" and data.get("node") is not None:
+            self._end_bar()
+            self.done += 1
+            self.current = data["node"]
+            self.stream.write(f"[{self.done:>2}/{len(self.prompt)}] {self.name(data['node'])}\n")
+        elif kind == "progress":
+            value, total = data.get("value", 0), max(data.get("max", 1), 1)
+            filled = round(24 * value / total)
+            line = f"        {value:>4}/{total} [{'#' * filled}{'.' * (24 - filled)}]"
+            if self.tty:
+                self.stream.write("\r" + line)
+                self.bar = True
+            elif value == total or value % max(total // 4, 1) == 0:
+                self.stream.write(line + "\n")
+        elif kind in ("execution_success", "execution_error"):
+            self._end_bar()
+        self.stream.flush()
+
+
+def run(server, workflow, args):
+    with tempfile.TemporaryDirectory(prefix="dreamtuner-inputs-") as scratch:
+        object_info = server.object_info()
+        problems = wf.check(workflow, object_info, check_values=False)
+        if problems:
+            raise wf.WorkflowError(problems)
+        apply_overrides(workflow, object_info, args, scratch)
+        upload_images(workflow, object_info, server)
+    object_info = server.object_info()  # now listing the uploaded images
+    problems = wf.check(workflow, object_info)
+    if problems:
+        raise wf.WorkflowError(problems)
+    prompt = wf.to_api(workflow, object_info)
+    prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
+    entry = server.follow(prompt_id, Progress(prompt, object_info), args.timeout)
+    if (entry.get("status") or {}).get("status_str") != "success":
+        raise comfy_server.ServerError(comfy_server.failure_line(entry, prompt))
+    images = [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())
+              if image.get("type") == "output"]
+    if not images:
+        raise comfy_server.ServerError("the run succeeded but saved no image: the workflow needs a SaveImage node")
+    for image in images:
+        print(f"wrote {server.download(image, args.output)}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        workflow = wf.load(args.workflow)
+        with _connect(args) as server:
+            return run(server, workflow, args)
+    except (wf.WorkflowError, comfy_server.ServerError) as error:
+        for line in error.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

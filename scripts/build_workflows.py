@@ -1,0 +1,421 @@
+"""Write the pack's workflow files (web UI format) and the sample images they load.
+
+The graphs are declared below, node by node, and laid out on a grid; each
+node's inputs, outputs and widget order come from the node definitions of a
+real installation (``GET /object_info`` of ComfyUI with this pack), so the
+files are what that UI would save. Run after changing a node's inputs:
+
+    python scripts/build_workflows.py --object-info http://127.0.0.1:8188   # or a saved object_info.json
+
+It writes ``workflows/*.json``, the same files in ``example_workflows/`` (the
+template browser's folder), and ``workflows/inputs/*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import urllib.request
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from headless.workflow import widgets  # noqa: E402
+
+# The file names most users have (README, "Model files").
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+DEPTH_CONTROLNET = "control_v11f1p_sd15_depth_fp16.safetensors"
+ENCODER = "dreamtuner_subject_encoder_sd15.safetensors"
+SUBJECT, SUBJECT_2, DEPTH = "dreamtuner_subject.png", "dreamtuner_subject_turned.png", "dreamtuner_depth.png"
+ALPHA = "background is 1 (LoadImage alpha)"
+
+POSITIVE = "a photo of a small red plush toy with big round eyes, sitting on a wooden table in a sunny kitchen"
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+GREEN, RED, NOTE_COLOR = ("#232", "#353"), ("#322", "#533"), ("#432", "#653")
+COLUMN_WIDTH, NOTE_WIDTH, GAP = 400, 460, 40
+
+
+class Graph:
+    """A workflow being declared: nodes placed in columns, links by output name."""
+
+    def __init__(self, object_info):
+        self.object_info = object_info
+        self.nodes, self.links, self.column_y = [], [], {}
+
+    def add(self, kind, column, title=None, color=None, box_height=None, **values):
+        """A node; keyword arguments set widgets (by input name) or connect sockets ((node, output name))."""
+        definition = self.object_info[kind]
+        slots = widgets(definition)
+        widget_names = {slot.input for slot in slots}
+        unknown = set(values) - widget_names - set(self._sockets(definition))
+        if unknown:
+            raise KeyError(f"{kind} has no input {sorted(unknown)}")
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": [0, 0], "size": [0, 0], "flags": {}, "order": 0,
+                "mode": 0, "inputs": [], "outputs": [], "properties": {"Node name for S&R": kind},
+                "widgets_values": []}
+        for name, socket_type in self._sockets(definition).items():
+            socket = {"name": name, "type": socket_type, "link": self._link(values.get(name), node, socket_type)}
+            if "." in name:
+                socket["label"] = name.rsplit(".", 1)[1]  # an autogrow slot, drawn by its short name
+            node["inputs"].append(socket)
+        for slot in slots:
+            if slot.input is not None:
+                node["inputs"].append({"name": slot.input, "type": slot.kind, "widget": {"name": slot.input},
+                                       "link": None})
+            node["widgets_values"].append(self._widget_value(slot, values, kind))
+        for index, (name, output_type) in enumerate(zip(definition["output_name"], definition["output"])):
+            node["outputs"].append({"name": name, "type": output_type, "links": [], "slot_index": index})
+        self._place(node, column, box_height or self._height(node, slots))
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color
+        self.nodes.append(node)
+        return node
+
+    def note(self, column, text, height=260):
+        node = {"id": len(self.nodes) + 1, "type": "MarkdownNote", "pos": [0, 0], "size": [0, 0], "flags": {},
+                "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": "Note: what to change",
+                "properties": {}, "widgets_values": [text.strip() + "\n"], "color": NOTE_COLOR[0],
+                "bgcolor": NOTE_COLOR[1]}
+        self._place(node, column, height)
+        self.nodes.append(node)
+        return node
+
+    @staticmethod
+    def _sockets(definition):
+        out = {}
+        for section in ("required", "optional"):
+            specs = definition["input"].get(section) or {}
+            for name in (definition.get("input_order") or {}).get(section) or list(specs):
+                kind = specs[name][0]
+                if kind == "COMFY_AUTOGROW_V3":  # core dynamic inputs: 'masks.mask0', 'masks.mask1', ...
+                    template = specs[name][1]["template"]
+                    (item_type, _), = template["input"]["required"].values()
+                    names = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["min"])]
+                    out.update({f"{name}.{item}": item_type for item in names})
+                elif isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    out[name] = kind
+        return out
+
+    def _link(self, source, target, socket_type):
+        if source is None:
+            return None
+        origin, output_name = source
+        slot = next(o for o in origin["outputs"] if o["name"] == output_name)
+        link_id = len(self.links) + 1
+        target_slot = len(target["inputs"])
+        self.links.append([link_id, origin["id"], slot["slot_index"], target["id"], target_slot, socket_type])
+        slot["links"].append(link_id)
+        return link_id
+
+    @staticmethod
+    def _widget_value(slot, values, kind):
+        if slot.input is None:
+            return "fixed" if slot.name == "control_after_generate" else "image"
+        if slot.input in values:
+            return values[slot.input]
+        if "default" in slot.options:
+            return slot.options["default"]
+        if slot.choices:
+            return slot.choices[0]
+        raise KeyError(f"{kind}.{slot.input} needs a value")
+
+    @staticmethod
+    def _height(node, slots):
+        sockets = max(sum("widget" not in i for i in node["inputs"]), len(node["outputs"]))
+        shown = sum(slot.input is not None for slot in slots)
+        return 40 + 24 * sockets + 26 * shown
+
+    def _place(self, node, column, height):
+        y = self.column_y.get(column, 0)
+        x = 0 if column == 0 else NOTE_WIDTH + GAP + (column - 1) * COLUMN_WIDTH
+        width = NOTE_WIDTH if column == 0 else COLUMN_WIDTH - GAP
+        node["pos"], node["size"] = [x, y], [width, height]
+        self.column_y[column] = y + height + GAP + 30
+
+    def workflow(self):
+        self._order()
+        for node in self.nodes:
+            for output in node["outputs"]:
+                output["links"] = output["links"] or None
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(self.links))), "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
+                "version": 0.4}
+
+    def _order(self):
+        """The UI's execution order: a topological order of the links."""
+        feeds = {node["id"]: {link[1] for link in self.links if link[3] == node["id"]} for node in self.nodes}
+        done = []
+        while len(done) < len(self.nodes):
+            ready = [n for n in self.nodes if n["id"] not in done and feeds[n["id"]] <= set(done)]
+            done.extend(n["id"] for n in ready)
+        for node in self.nodes:
+            node["order"] = done.index(node["id"])
+
+
+def _subject_nodes(g, column, vae, title="Subject (PNG with a transparent background)", image=SUBJECT):
+    subject = g.add("LoadImage", column, title=title, box_height=360, image=image)
+    reference = g.add("VAEEncode", column, title="Reference latent", pixels=(subject, "IMAGE"), vae=(vae, "VAE"))
+    return subject, reference
+
+
+def _prompts(g, column, clip, positive=POSITIVE):
+    pos = g.add("CLIPTextEncode", column, title="Positive prompt", color=GREEN, box_height=160, clip=(clip, "CLIP"),
+                text=positive)
+    neg = g.add("CLIPTextEncode", column, title="Negative prompt", color=RED, box_height=130, clip=(clip, "CLIP"),
+                text=NEGATIVE)
+    return pos, neg
+
+
+def _finish(g, column, samples, vae, prefix):
+    image = g.add("VAEDecode", column, samples=samples, vae=(vae, "VAE"))
+    g.add("SaveImage", column, box_height=420, images=(image, "IMAGE"), filename_prefix=prefix)
+
+
+def _encoder(g, column, model, subject):
+    vision = g.add("CLIPVisionLoader", column, clip_name=CLIP_VISION)
+    encoder = g.add("DreamTunerSubjectEncoderLoader", column, encoder_name=ENCODER)
+    return g.add("DreamTunerApplySubjectEncoder", column, model=model, subject_encoder=(encoder, "subject_encoder"),
+                 clip_vision=(vision, "CLIP_VISION"), image=(subject, "IMAGE"), mask=(subject, "MASK"),
+                 mask_mode=ALPHA)
+
+
+def _ssa(g, column, model, reference, mask):
+    return g.add("DreamTunerSelfSubjectAttention", column, model=model, reference=(reference, "LATENT"),
+                 reference_mask=mask, mask_mode=ALPHA)
+
+
+def _sampler(g, column, model, pos, neg, latent, steps=30):
+    return g.add("DreamTunerInterleavedCFGSampler", column, model=(model, "model"), positive=pos, negative=neg,
+                 latent_image=(latent, "LATENT"), seed=1234, steps=steps, sampler_name="euler_ancestral",
+                 scheduler="karras")
+
+
+NOTE_ENCODER = """
+**No pretrained subject encoder is published yet.** `{encoder}` must be a DreamTuner subject encoder trained for
+SD1.5. Without one, delete the three encoder nodes and link the checkpoint's MODEL straight into
+Self-Subject-Attention (that is workflow 3's training-free method). `scripts/make_untrained_encoder.py` writes an
+untrained encoder that runs but adds nothing.
+"""
+
+NOTE_1 = """
+## DreamTuner: one subject image → new scenes
+
+1. **Subject**: load a PNG of your subject on a transparent background. Its alpha is the subject mask (LoadImage
+   gives 1 = background, hence *background is 1* in both DreamTuner nodes). If you have no cut-out, disconnect the
+   masks: the whole image is then the reference.
+2. **Positive prompt**: describe the subject in the new scene, pose or style.
+3. **Self-Subject-Attention**: `omega_ref` 3.0 (paper; 2.5 for anime). Higher keeps more identity and details,
+   too high lowers quality.
+4. **Interleaved CFG sampler**: `p_r` 0.9 and `w_r` = `cfg` as in the paper.
+
+Models: `{ckpt}` in models/checkpoints, `{vision}` in models/clip_vision, the encoder in models/dreamtuner.
+""" + NOTE_ENCODER
+
+
+def workflow_1(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_1.format(ckpt=SD15, vision=CLIP_VISION, encoder=ENCODER), height=420)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt)
+    latent = g.add("EmptyLatentImage", 2, width=512, height=512)
+    encoded = _encoder(g, 3, (ckpt, "MODEL"), subject)
+    ssa = _ssa(g, 3, (encoded, "model"), reference, (subject, "MASK"))
+    samples = _sampler(g, 4, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
+    _finish(g, 5, (samples, "LATENT"), ckpt, "dreamtuner/new_scene")
+    return g.workflow()
+
+
+NOTE_2 = """
+## DreamTuner + ControlNet: the subject in a layout you give
+
+Workflow 1 plus a depth (or pose) ControlNet: the **Control image** fixes where things are, DreamTuner keeps who
+the subject is.
+
+- **Control image**: a depth map (white = near) of the scene you want, the same aspect ratio as the output. For a
+  pose, use `control_v11p_sd15_openpose_fp16.safetensors` and an OpenPose skeleton image instead.
+- **Apply ControlNet** `strength` 0.8; lower it if the subject's shape fights the layout.
+- The subject's reference pass gets no ControlNet guidance: the layout applies to the new image only.
+
+Models: `{ckpt}`, `{control}` in models/controlnet, `{vision}`, the encoder in models/dreamtuner.
+""" + NOTE_ENCODER
+
+
+def workflow_2(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_2.format(ckpt=SD15, control=DEPTH_CONTROLNET, vision=CLIP_VISION, encoder=ENCODER), height=420)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt, positive="a photo of a small red plush toy with big round eyes on a park bench")
+    control = g.add("ControlNetLoader", 2, control_net_name=DEPTH_CONTROLNET)
+    depth = g.add("LoadImage", 2, title="Control image (depth map)", box_height=360, image=DEPTH)
+    applied = g.add("ControlNetApplyAdvanced", 3, positive=(pos, "CONDITIONING"), negative=(neg, "CONDITIONING"),
+                    control_net=(control, "CONTROL_NET"), image=(depth, "IMAGE"), vae=(ckpt, "VAE"), strength=0.8)
+    latent = g.add("EmptyLatentImage", 3, width=512, height=512)
+    encoded = _encoder(g, 4, (ckpt, "MODEL"), subject)
+    ssa = _ssa(g, 4, (encoded, "model"), reference, (subject, "MASK"))
+    samples = _sampler(g, 5, ssa, (applied, "positive"), (applied, "negative"), latent)
+    _finish(g, 6, (samples, "LATENT"), ckpt, "dreamtuner/controlnet")
+    return g.workflow()
+
+
+NOTE_3 = """
+## DreamTuner on SDXL, training-free
+
+Self-subject-attention and interleaved guidance only: no subject encoder and no training, so this works with any
+SDXL checkpoint today.
+
+- **Subject**: a PNG with a transparent background (alpha = mask). A 1024 px subject works best; any size is
+  accepted.
+- **Self-Subject-Attention** `omega_ref` 3.0; `blocks` can limit the reference to e.g. `output` layers.
+- **Empty Latent Image** 1024 × 1024 (SDXL's size), or another SDXL resolution.
+
+Model: `{ckpt}` in models/checkpoints.
+"""
+
+
+def workflow_3(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_3.format(ckpt=SDXL), height=330)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SDXL)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt)
+    latent = g.add("EmptyLatentImage", 2, width=1024, height=1024)
+    ssa = _ssa(g, 3, (ckpt, "MODEL"), reference, (subject, "MASK"))
+    samples = _sampler(g, 4, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
+    _finish(g, 5, (samples, "LATENT"), ckpt, "dreamtuner/sdxl")
+    return g.workflow()
+
+
+NOTE_4 = """
+## DreamTuner as a GUIDER for SamplerCustomAdvanced
+
+The same method as the Interleaved CFG sampler, split into the core's custom-sampling parts: pick any sampler
+(**KSamplerSelect**), schedule (**BasicScheduler**) or noise (**RandomNoise**), or replace one of them with
+another pack's node.
+
+- **BasicScheduler** takes the DreamTuner model, so its sigmas match the model you sample.
+- Add the subject encoder from workflow 1 between the checkpoint and Self-Subject-Attention if you have one.
+
+Model: `{ckpt}` in models/checkpoints.
+"""
+
+
+def workflow_4(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_4.format(ckpt=SD15), height=330)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt)
+    latent = g.add("EmptyLatentImage", 2, width=512, height=512)
+    ssa = _ssa(g, 3, (ckpt, "MODEL"), reference, (subject, "MASK"))
+    guider = g.add("DreamTunerInterleavedCFGGuider", 3, model=(ssa, "model"), positive=(pos, "CONDITIONING"),
+                   negative=(neg, "CONDITIONING"))
+    noise = g.add("RandomNoise", 4, noise_seed=1234)
+    sampler = g.add("KSamplerSelect", 4, sampler_name="euler_ancestral")
+    sigmas = g.add("BasicScheduler", 4, model=(ssa, "model"), scheduler="karras", steps=30)
+    samples = g.add("SamplerCustomAdvanced", 5, noise=(noise, "NOISE"), guider=(guider, "GUIDER"),
+                    sampler=(sampler, "SAMPLER"), sigmas=(sigmas, "SIGMAS"), latent_image=(latent, "LATENT"))
+    _finish(g, 6, (samples, "output"), ckpt, "dreamtuner/guider")
+    return g.workflow()
+
+
+NOTE_5 = """
+## DreamTuner with several references
+
+Two reference images attended together, e.g. for an animation: the **first frame** (who the subject is) and the
+**previous frame** (its current look). Both are encoded as one batch of reference latents, with one mask each.
+
+- Load the two PNGs (transparent backgrounds); **Batch Images** and **Batch Masks** resize the second to the
+  first's size. Keep the masks in the same order as the images.
+- For a sequence, feed each saved frame back as the next run's previous frame.
+
+Model: `{ckpt}` in models/checkpoints.
+"""
+
+
+def workflow_5(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_5.format(ckpt=SD15), height=330)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    first = g.add("LoadImage", 1, title="First frame", box_height=360, image=SUBJECT)
+    previous = g.add("LoadImage", 2, title="Previous frame", box_height=360, image=SUBJECT_2)
+    images = g.add("BatchImagesNode", 2, **{"images.image0": (first, "IMAGE"), "images.image1": (previous, "IMAGE")})
+    masks = g.add("BatchMasksNode", 2, **{"masks.mask0": (first, "MASK"), "masks.mask1": (previous, "MASK")})
+    reference = g.add("VAEEncode", 3, title="Reference latents (2)", pixels=(images, "IMAGE"), vae=(ckpt, "VAE"))
+    pos, neg = _prompts(g, 3, ckpt, positive="a photo of a small red plush toy with big round eyes, waving, "
+                                               "in a snowy garden")
+    latent = g.add("EmptyLatentImage", 4, width=512, height=512)
+    ssa = _ssa(g, 4, (ckpt, "MODEL"), reference, (masks, "MASK"))
+    samples = _sampler(g, 5, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
+    _finish(g, 6, (samples, "LATENT"), ckpt, "dreamtuner/references")
+    return g.workflow()
+
+
+WORKFLOWS = {
+    "1_single_image_new_scenes": workflow_1,
+    "2_controlnet_layout": workflow_2,
+    "3_sdxl_training_free": workflow_3,
+    "4_guider_custom_sampling": workflow_4,
+    "5_several_references": workflow_5,
+}
+
+
+def sample_images(folder):
+    """The small sample subject (a plush toy drawn here), a turned copy, and a depth map, as PNG."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    def toy(turn):
+        image = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+        d = ImageDraw.Draw(image)
+        d.ellipse((70 + turn, 30, 186 + turn, 140), fill=(205, 45, 40, 255))         # head
+        d.ellipse((60, 110, 196, 236), fill=(190, 40, 36, 255))                      # body
+        d.ellipse((64 + turn, 22, 100 + turn, 62), fill=(205, 45, 40, 255))          # ears
+        d.ellipse((156 + turn, 22, 192 + turn, 62), fill=(205, 45, 40, 255))
+        for x in (98, 138):                                                         # eyes
+            d.ellipse((x + turn, 66, x + 24 + turn, 92), fill=(255, 255, 255, 255))
+            d.ellipse((x + 7 + turn, 72, x + 19 + turn, 86), fill=(20, 20, 30, 255))
+        d.ellipse((100, 150, 156, 206), fill=(245, 215, 170, 255))                   # belly
+        d.arc((112 + turn, 96, 144 + turn, 120), 20, 160, fill=(60, 10, 10, 255), width=3)
+        return image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    toy(0).save(folder / SUBJECT, optimize=True)
+    toy(14).save(folder / SUBJECT_2, optimize=True)
+    depth = Image.new("L", (512, 512), 30)
+    d = ImageDraw.Draw(depth)
+    d.rectangle((0, 360, 512, 512), fill=90)                                          # floor
+    d.ellipse((170, 150, 350, 420), fill=210)                                         # the subject, near
+    depth.filter(ImageFilter.GaussianBlur(8)).convert("RGB").save(folder / DEPTH, optimize=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--object-info", required=True,
+                        help="URL of a running ComfyUI with this pack, or an object_info JSON file")
+    parser.add_argument("--no-images", action="store_true", help="do not rewrite the sample images")
+    args = parser.parse_args(argv)
+    if args.object_info.startswith("http"):
+        with urllib.request.urlopen(args.object_info.rstrip("/") + "/object_info", timeout=60) as response:
+            object_info = json.loads(response.read())
+    else:
+        object_info = json.loads(pathlib.Path(args.object_info).read_text())
+    for folder in ("workflows", "example_workflows"):
+        (ROOT / folder).mkdir(exist_ok=True)
+        for name, build in WORKFLOWS.items():
+            text = json.dumps(build(object_info), indent=1) + "\n"
+            (ROOT / folder / f"dreamtuner_{name}.json").write_text(text)
+    if not args.no_images:
+        sample_images(ROOT / "workflows" / "inputs")
+    print(f"wrote {len(WORKFLOWS)} workflows to workflows/ and example_workflows/")
+
+
+if __name__ == "__main__":
+    main()

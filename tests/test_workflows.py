@@ -1,0 +1,188 @@
+"""The shipped workflow files, and the conversion from the web UI's format to the engine's (tier 1: no server).
+
+The reference for the conversion is ComfyUI's own frontend: ``tests/data/frontend_api``
+holds what its ``graphToPrompt`` made of each workflow (recorded with
+``scripts/ui_snapshot.py``; the tier-2 tests redo it live).
+"""
+
+import copy
+import json
+
+import pytest
+
+from comfyui_dreamtuner.headless import workflow as wf
+from workflow_defs import ROOT, WORKFLOWS, installation
+
+DEFS = installation()
+NAMES = [path.stem for path in WORKFLOWS]
+
+
+def test_there_are_the_five_workflows_and_the_template_browser_has_the_same_files():
+    assert len(WORKFLOWS) == 5
+    for path in WORKFLOWS:
+        assert (ROOT / "example_workflows" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in (ROOT / "example_workflows").glob("*.json")) == [p.name for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_workflow_uses_only_core_and_pack_nodes_with_valid_widget_values(path):
+    workflow = wf.load(path)
+    assert workflow["version"] == 0.4 and workflow["links"]
+    assert wf.check(workflow, DEFS) == []
+    assert not [n["type"] for n in workflow["nodes"] if DEFS.get(n["type"], {}).get("deprecated")]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_workflow_has_a_note_saying_what_to_change_and_which_model_files(path):
+    workflow = wf.load(path)
+    (note,) = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
+    text = note["widgets_values"][0]
+    files = {v for n in workflow["nodes"] for v in n.get("widgets_values") or () if str(v).endswith(".safetensors")}
+    assert files and all(name in text for name in files), files
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_conversion_gives_what_the_comfyui_frontend_gives(path):
+    ours = wf.to_api(wf.load(path), DEFS)
+    frontend = json.loads((ROOT / "tests" / "data" / "frontend_api" / path.name).read_text())
+    assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == \
+           {k: (v["class_type"], v["inputs"]) for k, v in frontend.items()}
+
+
+def test_the_sample_images_are_small_cut_outs():
+    from PIL import Image
+
+    for name in ("dreamtuner_subject.png", "dreamtuner_subject_turned.png"):
+        path = ROOT / "workflows" / "inputs" / name
+        assert path.stat().st_size < 20_000
+        with Image.open(path) as image:
+            alpha = image.getchannel("A")
+            assert image.mode == "RGBA" and max(image.size) <= 256
+            assert alpha.getextrema() == (0, 255)  # a transparent background and an opaque subject
+
+
+# The conversion rules, on small hand-made graphs.
+
+def _node(node_id, kind, widgets=None, inputs=(), mode=0, title=None):
+    node = {"id": node_id, "type": kind, "mode": mode, "inputs": [dict(i) for i in inputs], "outputs": [],
+            "widgets_values": widgets}
+    if title:
+        node["title"] = title
+    return node
+
+
+def _graph(nodes, links):
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
+def _ksampler_graph():
+    nodes = [
+        _node(1, "CheckpointLoaderSimple", ["v1-5-pruned-emaonly-fp16.safetensors"]),
+        _node(2, "EmptyLatentImage", [64, 48, 1]),
+        _node(3, "KSamplerSelect", ["euler"]),
+        _node(4, "RandomNoise", [77, "randomize"]),
+        _node(5, "Reroute", inputs=[{"name": "", "type": "*", "link": 1}]),
+        _node(6, "BasicScheduler", ["karras", 9, 1.0], inputs=[{"name": "model", "type": "MODEL", "link": 2}]),
+        _node(7, "Note", ["read me"]),
+    ]
+    links = [[1, 1, 0, 5, 0, "MODEL"], [2, 5, 0, 6, 0, "MODEL"]]
+    return _graph(nodes, links)
+
+
+def test_a_seed_control_value_is_not_an_input_and_a_reroute_is_followed_to_its_origin():
+    prompt = wf.to_api(_ksampler_graph(), DEFS)
+    assert prompt["4"] == {"class_type": "RandomNoise", "inputs": {"noise_seed": 77}}
+    assert prompt["6"]["inputs"] == {"scheduler": "karras", "steps": 9, "denoise": 1.0, "model": ["1", 0]}
+    assert set(prompt) == {"1", "2", "3", "4", "6"}  # the Note and the Reroute exist only in the UI
+
+
+def test_the_upload_button_value_of_load_image_is_not_an_input():
+    graph = _graph([_node(1, "LoadImage", ["dreamtuner_subject.png", "image"])], [])
+    assert wf.to_api(graph, DEFS)["1"]["inputs"] == {"image": "dreamtuner_subject.png"}
+
+
+def test_a_bypassed_node_passes_its_input_of_the_same_type_and_a_muted_one_is_left_out():
+    graph = _ksampler_graph()
+    graph["nodes"][4] = _node(5, "DreamTunerSelfSubjectAttention", [3.0, 0.0, 1.0, "subject is 1", "all", 0],
+                              inputs=[{"name": "model", "type": "MODEL", "link": 1},
+                                      {"name": "reference", "type": "LATENT", "link": None}], mode=4)
+    assert wf.to_api(graph, DEFS)["6"]["inputs"]["model"] == ["1", 0]
+    graph["nodes"][4]["mode"] = 2
+    prompt = wf.to_api(graph, DEFS)
+    assert "5" not in prompt and "model" not in prompt["6"]["inputs"]
+
+
+def test_an_input_fed_by_a_primitive_takes_the_value_kept_in_the_widget():
+    graph = _ksampler_graph()
+    graph["nodes"].append(_node(8, "PrimitiveNode", [12, "fixed"]))
+    graph["nodes"][5]["inputs"].append({"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 3})
+    graph["nodes"][5]["widgets_values"] = ["karras", 12, 1.0]
+    graph["links"].append({"id": 3, "origin_id": 8, "origin_slot": 0, "target_id": 6, "target_slot": 1,
+                           "type": "INT"})  # the frontend's newer link form
+    assert wf.to_api(graph, DEFS)["6"]["inputs"]["steps"] == 12
+
+
+def test_a_widget_input_fed_by_a_node_takes_the_link():
+    graph = _ksampler_graph()
+    graph["nodes"][3]["inputs"] = [{"name": "noise_seed", "type": "INT", "widget": {"name": "noise_seed"},
+                                    "link": 4}]
+    graph["nodes"].append(_node(9, "DreamTunerSelfSubjectAttention", [3.0, 0.0, 1.0, "subject is 1", "all", 0]))
+    graph["links"].append([4, 9, 0, 4, 0, "INT"])
+    assert wf.to_api(graph, DEFS)["4"]["inputs"]["noise_seed"] == ["9", 0]
+
+
+def test_problems_are_reported_one_line_each_naming_the_node_and_the_fix():
+    graph = _ksampler_graph()
+    graph["nodes"][0]["widgets_values"] = ["missing.safetensors"]
+    graph["nodes"][1]["widgets_values"] = [64, 48.5, 0]
+    graph["nodes"][2]["widgets_values"] = ["not_a_sampler"]
+    graph["nodes"].append(_node(10, "SomePackNode", [1], title="Upscale"))
+    problems = wf.check(graph, DEFS)
+    assert problems == [
+        "node #1 'Load Checkpoint' (CheckpointLoaderSimple): ckpt_name 'missing.safetensors' is not in this ComfyUI: put the file in "
+        "ComfyUI/models/checkpoints/ (or choose one you have in the node), then run it again.",
+        "node #2 'Empty Latent Image' (EmptyLatentImage): height 48.5 is not a whole number",
+        "node #2 'Empty Latent Image' (EmptyLatentImage): batch_size 0 is outside [1, 4096]",
+        "node #3 (KSamplerSelect): sampler_name 'not_a_sampler' is not one of its choices (euler, euler_cfg_pp, "
+        "euler_ancestral, euler_ancestral_cfg_pp, heun, heunpp2, exp_heun_2_x0, exp_heun_2_x0_sde, dpm_2, "
+        "dpm_2_ancestral, lms, dpm_fast, ...)",
+        "node #10 'Upscale' (SomePackNode) is not installed in this ComfyUI: install the custom node pack that "
+        "provides 'SomePackNode' (ComfyUI-Manager: Install Missing Custom Nodes) and restart ComfyUI",
+    ]
+    with pytest.raises(wf.WorkflowError, match="SomePackNode"):
+        wf.to_api(graph, DEFS)
+
+
+def test_a_node_whose_inputs_changed_and_a_subgraph_are_named_with_the_fix():
+    graph = _ksampler_graph()
+    graph["nodes"][1]["widgets_values"] = [64, 48]
+    graph["nodes"].append(_node(11, "7f0c-uuid", []))
+    graph["definitions"] = {"subgraphs": [{"id": "7f0c-uuid"}]}
+    problems = wf.check(graph, DEFS)
+    assert "has 2 widget values where this ComfyUI's 'EmptyLatentImage' has 3 (width, height, batch_size)" \
+           in problems[0] and "save it again" in problems[0]
+    assert "is a subgraph" in problems[1] and "Unpack Subgraph" in problems[1]
+
+
+def test_files_that_are_not_ui_workflows_are_refused_with_the_reason(tmp_path):
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps({"1": {"class_type": "KSampler", "inputs": {}}}))
+    with pytest.raises(wf.WorkflowError, match="API-format prompt"):
+        wf.load(api)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"nodes": [')
+    with pytest.raises(wf.WorkflowError, match="not a readable workflow JSON"):
+        wf.load(broken)
+
+
+def test_set_widget_writes_the_value_where_the_ui_keeps_it():
+    graph = _ksampler_graph()
+    node = graph["nodes"][3]
+    wf.set_widget(node, DEFS["RandomNoise"], "noise_seed", 5)
+    assert node["widgets_values"] == [5, "randomize"]
+    with pytest.raises(wf.WorkflowError, match="has no widget 'seed'"):
+        wf.set_widget(node, DEFS["RandomNoise"], "seed", 5)
+    saved = copy.deepcopy(graph["nodes"][0])
+    saved["widgets_values"] = {"ckpt_name": "a.safetensors"}  # some packs save a dict
+    wf.set_widget(saved, DEFS["CheckpointLoaderSimple"], "ckpt_name", "b.safetensors")
+    assert wf.widget_values(saved, DEFS["CheckpointLoaderSimple"]) == {"ckpt_name": "b.safetensors"}

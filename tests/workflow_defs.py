@@ -1,0 +1,69 @@
+"""Node definitions to check the workflow files against, without a ComfyUI server (tier 1).
+
+Core nodes: ``tests/data/core_node_defs.json``, the ``/object_info`` entries of
+the core nodes the workflows use, as ComfyUI v0.15.1 serves them; the tier-2
+tests compare it with a live server (``DREAMTUNER_UPDATE_NODE_DEFS=1`` rewrites
+it). File lists (checkpoints, images, ...) depend on the installation, so they
+are stored empty and filled here with the model files the README tells users
+to get and the sample images shipped in ``workflows/inputs``.
+This pack's nodes: from their classes, as the server would list them.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+from comfyui_dreamtuner import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfyui_dreamtuner.headless import workflow as wf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SNAPSHOT = ROOT / "tests" / "data" / "core_node_defs.json"
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+KEPT = ("input", "input_order", "output", "output_name", "display_name", "deprecated")
+
+
+def without_files(definition):
+    """A node definition with its file-list choices emptied and only the fields the workflow checks read."""
+    definition = json.loads(json.dumps({k: definition[k] for k in KEPT if k in definition}))
+    for section in definition.get("input", {}).values():
+        for name, spec in section.items():
+            if name in wf.FILE_FOLDERS and isinstance(spec, list) and isinstance(spec[0], list):
+                spec[0] = []
+    return definition
+
+
+def core_types():
+    """The core node types the workflow files use."""
+    used = {node["type"] for path in WORKFLOWS for node in wf.load(path)["nodes"]}
+    return sorted(used - set(NODE_CLASS_MAPPINGS) - set(wf.UI_ONLY_NODES))
+
+
+def documented_files():
+    """Model file names in the README's model table, and the sample images."""
+    names = set(re.findall(r"`([\w.\-]+\.safetensors)`", (ROOT / "README.md").read_text()))
+    return names | {p.name for p in (ROOT / "workflows" / "inputs").glob("*.png")}
+
+
+def pack_defs():
+    out = {}
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        inputs = json.loads(json.dumps(node.INPUT_TYPES()))
+        out[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
+                     "output": list(node.RETURN_TYPES),
+                     "output_name": list(getattr(node, "RETURN_NAMES", node.RETURN_TYPES)),
+                     "display_name": NODE_DISPLAY_NAME_MAPPINGS[name]}
+    return out
+
+
+def installation():
+    """Definitions of every node the workflows may use, in an installation that has the documented files."""
+    defs = {**json.loads(SNAPSHOT.read_text()), **pack_defs()}
+    files = sorted(documented_files())
+    for definition in defs.values():
+        for section in definition["input"].values():
+            for name, spec in section.items():
+                if name in wf.FILE_FOLDERS and isinstance(spec[0], list) and not spec[0]:
+                    spec[0] = files
+    return defs
