@@ -267,8 +267,6 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 inputs.pop(name, None)
             else:
                 inputs[name] = list(origin)
-        entry = {"class_type": kind, "inputs": inputs}
-        if node.get("title"):
-            entry["_meta"] = {"title": node["title"]}
-        prompt[str(node["id"])] = entry
+        title = node.get("title") or object_info[kind].get("display_name") or kind
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": title}}
     return prompt

@@ -40,3 +40,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """One real ComfyUI server for the tier-2 tests (see tests/tier2.py); yields a headless.server.Server."""
+    import tier2
+    from comfyui_dreamtuner.headless import server as comfy_server
+
+    if not tier2.COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set")
+    base = tmp_path_factory.mktemp("comfyui-base")
+    tier2.make_base(base)
+    with comfy_server.started(tier2.COMFYUI_PATH, tier2.python(), tier2.server_args(base)) as server:
+        server.base = base
+        yield server

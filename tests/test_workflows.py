@@ -45,8 +45,8 @@ def test_the_workflow_has_a_note_saying_what_to_change_and_which_model_files(pat
 def test_the_conversion_gives_what_the_comfyui_frontend_gives(path):
     ours = wf.to_api(wf.load(path), DEFS)
     frontend = json.loads((ROOT / "tests" / "data" / "frontend_api" / path.name).read_text())
-    assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == \
-           {k: (v["class_type"], v["inputs"]) for k, v in frontend.items()}
+    assert {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in ours.items()} == \
+           {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in frontend.items()}
 
 
 def test_the_sample_images_are_small_cut_outs():
@@ -91,7 +91,7 @@ def _ksampler_graph():
 
 def test_a_seed_control_value_is_not_an_input_and_a_reroute_is_followed_to_its_origin():
     prompt = wf.to_api(_ksampler_graph(), DEFS)
-    assert prompt["4"] == {"class_type": "RandomNoise", "inputs": {"noise_seed": 77}}
+    assert prompt["4"] == {"class_type": "RandomNoise", "inputs": {"noise_seed": 77}, "_meta": {"title": "RandomNoise"}}
     assert prompt["6"]["inputs"] == {"scheduler": "karras", "steps": 9, "denoise": 1.0, "model": ["1", 0]}
     assert set(prompt) == {"1", "2", "3", "4", "6"}  # the Note and the Reroute exist only in the UI
 

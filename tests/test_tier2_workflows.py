@@ -1,0 +1,171 @@
+"""Tier 2: every shipped workflow file in a real ComfyUI v0.15.1, through /prompt and through the headless runner.
+
+The model files are random-weight files in the real formats under the names the
+workflows use (tests/tier2.py). Images are sampled at 64 px with 2 steps: the
+point is that the graphs run in the real engine, not what they draw.
+With ``DREAMTUNER_BROWSER_PYTHON`` (a Python with ``playwright``) and Chromium at
+/usr/bin/chromium, each workflow is also loaded into the real web page and the
+frontend's own conversion is compared with the runner's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import tier2
+from comfyui_dreamtuner.headless import workflow as wf
+from workflow_defs import ROOT, SNAPSHOT, WORKFLOWS, core_types, without_files
+
+pytestmark = tier2.needs_comfyui
+NAMES = [path.stem for path in WORKFLOWS]
+RUNNER = [sys.executable, str(ROOT / "scripts" / "run_workflow.py")]
+SDXL = "dreamtuner_3_sdxl_training_free"
+BROWSER_PYTHON = os.environ.get("DREAMTUNER_BROWSER_PYTHON")
+
+
+def small(workflow, object_info, size=64, steps=2):
+    """The workflow with a small output size and few steps, set in its widgets as a user would."""
+    for node in workflow["nodes"]:
+        definition = object_info.get(node["type"])
+        names = {w.input for w in wf.widgets(definition)} if definition else set()
+        for name, value in (("width", size), ("height", size), ("steps", steps)):
+            if name in names:
+                wf.set_widget(node, definition, name, value)
+    return workflow
+
+
+def test_the_core_node_definitions_the_tier1_tests_use_are_this_comfyuis(comfyui):
+    live = comfyui.object_info()
+    current = {t: without_files(live[t]) for t in core_types()}
+    if os.environ.get("DREAMTUNER_UPDATE_NODE_DEFS"):
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text())
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_workflow_loads_with_valid_widgets_in_real_comfyui(comfyui, path):
+    object_info = comfyui.object_info()
+    workflow = wf.load(path)
+    assert wf.check(workflow, object_info) == []
+    assert not [n["type"] for n in workflow["nodes"] if object_info.get(n["type"], {}).get("deprecated")]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_workflow_runs_through_prompt_and_saves_an_image_of_the_requested_size(comfyui, path, tmp_path):
+    object_info = comfyui.object_info()
+    workflow = small(wf.load(path), object_info, size=64)
+    for node in workflow["nodes"]:
+        if node["type"] == "EmptyLatentImage":
+            wf.set_widget(node, object_info[node["type"]], "width", 96)  # not square: width and height kept apart
+    if path.stem == SDXL:
+        tier2.free_memory(comfyui.url)  # an SDXL UNet in fp32 on the CPU takes 10 GB
+    prompt = wf.to_api(workflow, object_info)
+    entry = tier2.run(comfyui, prompt)
+    (save_id,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    with tier2.saved_image(comfyui, entry, save_id, tmp_path) as image:
+        assert image.size == (96, 64)
+    if path.stem == SDXL:
+        tier2.free_memory(comfyui.url)
+
+
+def _runner(*args, timeout=900):
+    return subprocess.run([*RUNNER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_subject(comfyui, tmp_path):
+    tier2.free_memory(comfyui.url)  # this starts a second ComfyUI
+    result = _runner("--comfyui", tier2.COMFYUI_PATH, "--python", tier2.python(), "--cpu",
+                     *[f"--comfy-arg={a}" for a in tier2.server_args(comfyui.base)[1:]],
+                     "--size", "64x64", "--steps", "2", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DreamTunerInterleavedCFGSampler" in result.stdout or "InterleavedCFGSampler" in result.stdout
+    assert "2/2 [" in result.stdout  # the sampler's progress bar
+    (written,) = (tmp_path / "out").iterdir()
+    from PIL import Image
+
+    with Image.open(written) as image:
+        assert image.size == (64, 64)
+        assert json.loads(image.info["workflow"])["nodes"]  # drops back onto the canvas
+
+
+def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui, tmp_path):
+    from PIL import Image, ImageDraw
+
+    subject = tmp_path / "my_subject.jpg"
+    Image.new("RGB", (120, 80), (30, 120, 200)).save(subject)
+    mask = tmp_path / "my_mask.png"
+    picture = Image.new("L", (60, 40), 0)
+    ImageDraw.Draw(picture).ellipse((15, 5, 45, 35), fill=255)
+    picture.save(mask)
+    result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "workflows" / f"{NAMES[1]}.json"),
+                     "--image", str(subject), "--mask", str(mask), "--prompt", "a blue toy on the moon",
+                     "--seed", "5", "--steps", "2", "--size", "64x80", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = (tmp_path / "out").iterdir()
+    with Image.open(written) as image:
+        assert image.size == (64, 80)
+        prompt = json.loads(image.info["prompt"])  # what the engine ran
+    by_title = {v.get("_meta", {}).get("title"): v["inputs"] for v in prompt.values()}
+    assert by_title["Positive prompt"]["text"] == "a blue toy on the moon"
+    assert by_title["Subject (PNG with a transparent background)"]["image"] == "my_subject_masked.png"
+    uploaded = Image.open(comfyui.base / "input" / "my_subject_masked.png")
+    assert uploaded.mode == "RGBA" and uploaded.getpixel((60, 40))[3] == 255 and uploaded.getpixel((2, 2))[3] == 0
+    assert [v["inputs"]["seed"] for v in prompt.values() if "seed" in v["inputs"]] == [5]
+
+
+def test_the_runner_reports_a_missing_model_and_a_missing_node_one_line_each(comfyui, tmp_path):
+    workflow = wf.load(WORKFLOWS[3])
+    workflow["nodes"][1]["widgets_values"][0] = "not_here.safetensors"
+    workflow["nodes"].append({"id": 99, "type": "SomeoneElsesUpscaler", "title": "Upscale", "mode": 0,
+                              "inputs": [], "outputs": [], "widgets_values": [2]})
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(workflow))
+    result = _runner("--server", comfyui.url, "--workflow", str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    assert result.stderr.splitlines() == [
+        "error: node #99 'Upscale' (SomeoneElsesUpscaler) is not installed in this ComfyUI: install the custom node "
+        "pack that provides 'SomeoneElsesUpscaler' (ComfyUI-Manager: Install Missing Custom Nodes) and restart "
+        "ComfyUI"]
+    workflow["nodes"].pop()
+    path.write_text(json.dumps(workflow))
+    result = _runner("--server", comfyui.url, "--workflow", str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: node #2 'Load Checkpoint' (CheckpointLoaderSimple): ckpt_name 'not_here.safetensors' is not in this "
+        "ComfyUI: put the file in ComfyUI/models/checkpoints/ (or choose one you have in the node), then run it "
+        "again."]
+
+
+def test_the_runner_reports_a_failing_node_in_one_line(comfyui, tmp_path):
+    ssa = next(n for n in wf.load(WORKFLOWS[3])["nodes"] if n["type"] == "DreamTunerSelfSubjectAttention")
+    result = _runner("--server", comfyui.url, "--workflow", str(WORKFLOWS[3]), "--steps", "2", "--size", "64x64",
+                     "--set", f"{ssa['id']}.start_percent=0.9", "--set", f"{ssa['id']}.end_percent=0.1",
+                     "--output", str(tmp_path / "out"))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: node #{ssa['id']} 'Self-Subject-Attention (DreamTuner)' "
+                           "(DreamTunerSelfSubjectAttention) failed: ") and "start_percent" in line
+
+
+@pytest.mark.skipif(not BROWSER_PYTHON or not pathlib.Path("/usr/bin/chromium").exists(),
+                    reason="DREAMTUNER_BROWSER_PYTHON (a Python with playwright) and /usr/bin/chromium are needed "
+                           "to load the workflows into the real web page")
+def test_the_web_page_loads_every_workflow_and_converts_it_as_the_runner_does(comfyui, tmp_path):
+    command = [BROWSER_PYTHON, str(ROOT / "scripts" / "ui_snapshot.py"), "--url", comfyui.url, "--out-dir",
+               str(tmp_path)] + [arg for path in WORKFLOWS for arg in ("--workflow", str(path))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    object_info = comfyui.object_info()
+    for path in WORKFLOWS:
+        assert " missing=0 " in next(line for line in result.stdout.splitlines() if path.name in line)
+        frontend = json.loads((tmp_path / f"{path.stem}.api.json").read_text())
+        ours = wf.to_api(wf.load(path), object_info)
+        recorded = json.loads((ROOT / "tests" / "data" / "frontend_api" / path.name).read_text())
+        strip = lambda prompt: {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in prompt.items()}  # noqa: E731
+        assert strip(ours) == strip(frontend) == strip(recorded), path.name

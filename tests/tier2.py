@@ -1,0 +1,129 @@
+"""Tier 2: a real, current ComfyUI server (v0.15.1) with this pack, driven through its HTTP API.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout with its requirements installed) and,
+optionally, ``COMFYUI_PYTHON`` (that installation's Python; default: this one).
+One server runs for the whole test session on 127.0.0.1, with a throw-away
+``--base-directory`` holding ``custom_nodes/comfyui-dreamtuner`` (a link to this
+repository), random-weight model files made by that installation's own classes
+under the names the tests and the workflow files use, and the sample images.
+The model files are cached between runs in ``~/.cache/comfyui-dreamtuner``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from comfyui_dreamtuner.headless import server as comfy_server
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+needs_comfyui = pytest.mark.skipif(
+    not COMFYUI_PATH, reason="COMFYUI_PATH is not set: tier-2 tests need a ComfyUI v0.15.1 installation "
+                             "(see README, 'Testing against a real ComfyUI')")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = pathlib.Path(os.environ.get("DREAMTUNER_TIER2_CACHE", pathlib.Path.home() / ".cache" / "comfyui-dreamtuner"))
+ENCODER = "dreamtuner_sd15_untrained.safetensors"
+
+# models/<folder>/<name> -> the random-weight file behind it (kind for tests/tier2_assets.py, cache name).
+MODEL_FILES = {
+    "checkpoints/sd15-random.safetensors": ("sd15-checkpoint", "sd15-random.safetensors"),
+    "checkpoints/v1-5-pruned-emaonly-fp16.safetensors": ("sd15-checkpoint", "sd15-random.safetensors"),
+    "checkpoints/sd_xl_base_1.0.safetensors": ("sdxl-checkpoint", "sdxl-random.safetensors"),
+    "clip_vision/vit-h-random.safetensors": ("vit-h-clip-vision", "vit-h-random.safetensors"),
+    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": ("vit-h-clip-vision", "vit-h-random.safetensors"),
+    "controlnet/control-random.safetensors": ("sd15-controlnet", "sd15-controlnet-random.safetensors"),
+    "controlnet/control_v11f1p_sd15_depth_fp16.safetensors": ("sd15-controlnet", "sd15-controlnet-random.safetensors"),
+    "loras/lora-random.safetensors": ("sd15-lora", "sd15-lora-random.safetensors"),
+}
+
+
+def python():
+    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+def asset(kind, name):
+    """A random-weight model file made by the ComfyUI under test (cached between runs)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / name
+    if not path.exists():
+        subprocess.run([python(), str(ROOT / "tests" / "tier2_assets.py"), kind, str(path)],
+                       cwd=COMFYUI_PATH, check=True, timeout=900)
+    return path
+
+
+def untrained_encoder(path):
+    subprocess.run([python(), str(ROOT / "scripts" / "make_untrained_encoder.py"), "--family", "sd15", "--out",
+                    str(path)], cwd=COMFYUI_PATH, check=True, timeout=600)
+    return path
+
+
+def make_base(base):
+    """A ComfyUI base directory with this pack, the model files and the input images."""
+    for sub in ("custom_nodes", "models/dreamtuner", "input", "output", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "comfyui-dreamtuner").symlink_to(ROOT, target_is_directory=True)
+    for target, (kind, name) in MODEL_FILES.items():
+        (base / "models" / target).parent.mkdir(parents=True, exist_ok=True)
+        (base / "models" / target).symlink_to(asset(kind, name))
+    encoder = untrained_encoder(base / "models" / "dreamtuner" / ENCODER)
+    # The encoder the workflows name (none is published: the untrained one stands in).
+    (base / "models" / "dreamtuner" / "dreamtuner_subject_encoder_sd15.safetensors").symlink_to(encoder)
+    # A second folder for encoders, given the way users do: extra_model_paths.yaml.
+    extra = base / "elsewhere"
+    extra.mkdir()
+    (extra / "from_extra_paths.safetensors").symlink_to(encoder)
+    (base / "extra_model_paths.yaml").write_text(f"mine:\n    dreamtuner: {extra}\n")
+    for image in (ROOT / "workflows" / "inputs").glob("*.png"):
+        shutil.copy(image, base / "input" / image.name)
+    from PIL import Image, ImageDraw
+
+    subject = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(subject).ellipse((24, 8, 72, 56), fill=(200, 60, 40, 255))
+    subject.save(base / "input" / "subject.png")
+
+
+def server_args(base):
+    return ["--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+            "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
+
+
+def post(url, path, payload):
+    request = urllib.request.Request(url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
+
+
+def free_memory(url):
+    """Ask the server to drop its loaded models and cached outputs (before and after an SDXL run)."""
+    post(url, "/free", {"unload_models": True, "free_memory": True})
+    time.sleep(3)  # the prompt worker applies the flags between prompts, within about a second
+
+
+def run(comfy, graph, timeout=900):
+    """Queue an API-format graph and wait; returns its history entry, or fails with the server's own words."""
+    try:
+        prompt_id = comfy.queue(graph)
+    except comfy_server.ServerError as error:
+        raise AssertionError(f"/prompt refused the graph: {error}") from None
+    entry = comfy.follow(prompt_id, lambda kind, data: None, timeout)
+    if entry["status"].get("status_str") != "success":
+        raise AssertionError(f"graph failed: {comfy_server.failure_line(entry, graph)}")
+    return entry
+
+
+def saved_image(comfy, entry, node_id, folder):
+    """The image a SaveImage node wrote, fetched the way a client does (``/view``), opened with PIL."""
+    from PIL import Image
+
+    (image,) = entry["outputs"][node_id]["images"]
+    return Image.open(comfy.download(image, folder))
