@@ -1,0 +1,205 @@
+"""The headless runner's parts that need no ComfyUI: command-line overrides, uploads, error lines, progress,
+and its websocket client (tier 1; tests/test_tier2_workflows.py runs it against a real server)."""
+
+import base64
+import hashlib
+import io
+import json
+import socket
+import struct
+import threading
+
+import pytest
+
+from comfyui_dreamtuner.headless import run as runner
+from comfyui_dreamtuner.headless import server as comfy_server
+from comfyui_dreamtuner.headless import workflow as wf
+from workflow_defs import ROOT, WORKFLOWS, installation
+
+DEFS = installation()
+
+
+def _args(*extra):
+    return runner.parse_args(["--server", "http://127.0.0.1:1", *extra])
+
+
+def _values(workflow, title_or_type):
+    node = next(n for n in workflow["nodes"] if title_or_type in (n.get("title"), n["type"]))
+    return wf.widget_values(node, DEFS[node["type"]])
+
+
+def test_the_runner_needs_either_an_installation_or_a_server(capsys):
+    with pytest.raises(SystemExit):
+        runner.parse_args([])
+    assert "give either --comfyui PATH" in capsys.readouterr().err
+    assert runner.parse_args(["--comfyui", "/x"]).workflow == ROOT / "workflows" / WORKFLOWS[0].name
+
+
+def test_seed_steps_size_and_prompts_go_to_the_widgets_a_user_would_set(tmp_path):
+    workflow = wf.load(WORKFLOWS[0])
+    runner.apply_overrides(workflow, DEFS, _args("--seed", "9", "--steps", "4", "--size", "768x512",
+                                                 "--prompt", "a toy in space", "--negative", "ugly"), tmp_path)
+    sampler = _values(workflow, "DreamTunerInterleavedCFGSampler")
+    assert (sampler["seed"], sampler["steps"]) == (9, 4)
+    assert _values(workflow, "DreamTunerSelfSubjectAttention")["reference_seed"] == 0  # not the sampling seed
+    assert (_values(workflow, "EmptyLatentImage")["width"], _values(workflow, "EmptyLatentImage")["height"]) == \
+           (768, 512)
+    assert _values(workflow, "Positive prompt")["text"] == "a toy in space"
+    assert _values(workflow, "Negative prompt")["text"] == "ugly"
+    guider = wf.load(WORKFLOWS[3])
+    runner.apply_overrides(guider, DEFS, _args("--seed", "3", "--steps", "6"), tmp_path)
+    assert _values(guider, "RandomNoise")["noise_seed"] == 3 and _values(guider, "BasicScheduler")["steps"] == 6
+
+
+def test_any_widget_can_be_set_by_node_id_and_bad_overrides_name_the_option(tmp_path):
+    workflow = wf.load(WORKFLOWS[0])
+    ssa = next(n for n in workflow["nodes"] if n["type"] == "DreamTunerSelfSubjectAttention")
+    runner.apply_overrides(workflow, DEFS, _args("--set", f"{ssa['id']}.omega_ref=2.5",
+                                                 "--set", f"{ssa['id']}.blocks=output"), tmp_path)
+    assert wf.widget_values(ssa, DEFS[ssa["type"]])["omega_ref"] == 2.5
+    assert wf.widget_values(ssa, DEFS[ssa["type"]])["blocks"] == "output"
+    for option, message in ((("--set", "999.omega_ref=1"), "NODE_ID.INPUT=VALUE"),
+                            (("--set", f"{ssa['id']}.omega=1"), "has no widget 'omega'"),
+                            (("--size", "big"), "WIDTHxHEIGHT"),
+                            (("--image", str(tmp_path / "none.png")), "is not a file")):
+        with pytest.raises(wf.WorkflowError, match=message):
+            runner.apply_overrides(wf.load(WORKFLOWS[0]), DEFS, _args(*option), tmp_path)
+    graph = wf.load(WORKFLOWS[3])
+    graph["nodes"] = [n for n in graph["nodes"] if n["type"] != "EmptyLatentImage"]
+    with pytest.raises(wf.WorkflowError, match="--size: the workflow has no Empty Latent Image node"):
+        runner.apply_overrides(graph, DEFS, _args("--size", "64x64"), tmp_path)
+
+
+def test_image_goes_to_the_subject_and_a_mask_becomes_its_alpha(tmp_path):
+    from PIL import Image, ImageDraw
+
+    image, mask = tmp_path / "dog.jpg", tmp_path / "dog_mask.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
+    drawn = Image.new("L", (80, 60), 0)  # another size: resized to the image
+    ImageDraw.Draw(drawn).rectangle((40, 0, 79, 59), fill=255)
+    drawn.save(mask)
+    workflow = wf.load(WORKFLOWS[4])  # several references: the subject is the first frame
+    runner.apply_overrides(workflow, DEFS, _args("--image", str(image), "--mask", str(mask)), tmp_path)
+    chosen = _values(workflow, "First frame")["image"]
+    assert _values(workflow, "Previous frame")["image"] == "dreamtuner_subject_turned.png"
+    with Image.open(chosen) as merged:
+        assert merged.mode == "RGBA" and merged.size == (40, 30)
+        assert merged.getpixel((30, 15)) == (10, 200, 30, 255) and merged.getpixel((5, 15))[3] == 0
+    workflow = wf.load(WORKFLOWS[0])
+    runner.apply_overrides(workflow, DEFS, _args("--mask", str(mask)), tmp_path)  # the mask for the sample
+    with Image.open(_values(workflow, "Subject (PNG with a transparent background)")["image"]) as merged:
+        assert merged.size == (256, 256) and merged.getpixel((200, 128))[3] == 255
+
+
+class _FakeServer:
+    def __init__(self):
+        self.uploaded = []
+
+    def upload_image(self, path):
+        self.uploaded.append(path)
+        return f"uploaded/{path.name}"
+
+
+def test_local_and_sample_images_are_uploaded_and_images_the_server_has_are_not(tmp_path):
+    workflow = wf.load(WORKFLOWS[4])
+    defs = json.loads(json.dumps(DEFS))
+    defs["LoadImage"]["input"]["required"]["image"][0] = ["dreamtuner_subject_turned.png"]
+    server = _FakeServer()
+    runner.upload_images(workflow, defs, server)
+    assert server.uploaded == [ROOT / "workflows" / "inputs" / "dreamtuner_subject.png"]
+    assert _values(workflow, "First frame")["image"] == "uploaded/dreamtuner_subject.png"
+    assert _values(workflow, "Previous frame")["image"] == "dreamtuner_subject_turned.png"
+
+
+def test_a_refused_graph_and_a_failed_run_become_one_line_per_problem():
+    prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {}, "_meta": {"title": "Load Checkpoint"}},
+              "11": {"class_type": "DreamTunerSelfSubjectAttention", "inputs": {}, "_meta": {"title": "SSA"}}}
+    answer = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                        "details": "", "extra_info": {}},
+              "node_errors": {"4": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                                "details": "ckpt_name: 'x.safetensors' not in []",
+                                                "extra_info": {"input_name": "ckpt_name"}}],
+                                    "dependent_outputs": ["9"], "class_type": "CheckpointLoaderSimple"}}}
+    assert comfy_server.rejection_lines(answer, prompt) == [
+        "node #4 'Load Checkpoint' (CheckpointLoaderSimple): ckpt_name: 'x.safetensors' not in []"]
+    no_outputs = {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": ""},
+                  "node_errors": []}
+    assert comfy_server.rejection_lines(no_outputs, prompt) == ["ComfyUI refused the graph: Prompt has no outputs"]
+    entry = {"status": {"status_str": "error", "completed": False, "messages": [
+        ["execution_start", {"prompt_id": "p"}],
+        ["execution_error", {"prompt_id": "p", "node_id": "11", "node_type": "DreamTunerSelfSubjectAttention",
+                             "exception_message": "start_percent (0.9) must not be greater than end_percent\n",
+                             "exception_type": "DreamTunerInputError", "traceback": ["..."]}]]}}
+    assert comfy_server.failure_line(entry, prompt) == (
+        "node #11 'SSA' (DreamTunerSelfSubjectAttention) failed: start_percent (0.9) must not be greater than "
+        "end_percent")
+
+
+class _Stream(io.StringIO):
+    def isatty(self):
+        return False
+
+
+def test_progress_shows_each_node_once_and_the_sampling_steps():
+    prompt = wf.to_api(wf.load(WORKFLOWS[3]), DEFS)
+    stream = _Stream()
+    progress = runner.Progress(prompt, DEFS, stream)
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced")
+    progress("execution_cached", {"nodes": ["2", "3"]})
+    progress("executing", {"node": sampler})
+    for step in range(1, 9):
+        progress("progress", {"value": step, "max": 8, "node": sampler})
+    progress("execution_success", {})
+    assert stream.getvalue().splitlines() == [
+        f"[ 3/{len(prompt)}] #{sampler} SamplerCustomAdvanced",
+        "           2/8 [######..................]",
+        "           4/8 [############............]",
+        "           6/8 [##################......]",
+        "           8/8 [########################]"]
+
+
+def _frame(opcode, payload, fin=True):
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        return head + bytes([len(payload)]) + payload
+    return head + bytes([126]) + struct.pack(">H", len(payload)) + payload
+
+
+def test_the_websocket_client_reads_what_comfyui_sends_and_answers_pings():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen = {}
+    big = json.dumps({"type": "progress", "data": {"value": 1, "max": 2, "pad": "x" * 300}}).encode()
+
+    def serve():
+        connection, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += connection.recv(4096)
+        key = next(line.split(b": ")[1] for line in request.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        connection.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" +
+                           _frame(1, b'{"type": "status", "data": {}}') + _frame(2, b"\x00\x01preview") +
+                           _frame(1, big) + _frame(1, b'{"type": "exec', fin=False) + _frame(0, b'uting", "data": 1}') +
+                           _frame(9, b"hi"))
+        pong = connection.recv(64)
+        mask = pong[2:6]
+        seen["pong"] = (pong[0], pong[1] & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(pong[6:8])))
+        connection.sendall(_frame(8, b""))
+        connection.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = comfy_server._WebSocket(f"http://127.0.0.1:{port}", "/ws?clientId=1")
+    assert client.receive(5) == {"type": "status", "data": {}}
+    assert client.receive(5) is None  # a binary preview is skipped
+    assert client.receive(5)["data"]["pad"] == "x" * 300
+    assert client.receive(5) == {"type": "executing", "data": 1}  # a message in two fragments
+    assert client.receive(5) is None  # the ping, answered
+    with pytest.raises(OSError, match="closed"):
+        client.receive(5)
+    thread.join(5)
+    client.close()
+    listener.close()
+    assert seen["pong"] == (0x8A, 0x80, b"hi")
