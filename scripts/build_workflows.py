@@ -178,6 +178,16 @@ def _finish(g, column, samples, vae, prefix):
     g.add("SaveImage", column, box_height=420, images=(image, "IMAGE"), filename_prefix=prefix)
 
 
+def _base(g, note, ckpt_name, size, note_height=330):
+    """The note, the checkpoint, the subject and its reference latent, the prompts and the empty latent."""
+    g.note(0, note, height=note_height)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=ckpt_name)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt)
+    latent = g.add("EmptyLatentImage", 2, width=size, height=size)
+    return ckpt, subject, reference, pos, neg, latent
+
+
 def _encoder(g, column, model, subject):
     vision = g.add("CLIPVisionLoader", column, clip_name=CLIP_VISION)
     encoder = g.add("DreamTunerSubjectEncoderLoader", column, encoder_name=ENCODER)
@@ -195,6 +205,15 @@ def _sampler(g, column, model, pos, neg, latent, steps=30):
     return g.add("DreamTunerInterleavedCFGSampler", column, model=(model, "model"), positive=pos, negative=neg,
                  latent_image=(latent, "LATENT"), seed=1234, steps=steps, sampler_name="euler_ancestral",
                  scheduler="karras")
+
+
+def _dreamtuner(g, column, ckpt, subject, reference, mask, pos, neg, latent, prefix, encoder=False):
+    """[subject encoder →] Self-Subject-Attention → Interleaved CFG sampler → VAE decode → save."""
+    model = (_encoder(g, column, (ckpt, "MODEL"), subject), "model") if encoder else (ckpt, "MODEL")
+    ssa = _ssa(g, column, model, reference, mask)
+    samples = _sampler(g, column + 1, ssa, pos, neg, latent)
+    _finish(g, column + 2, (samples, "LATENT"), ckpt, prefix)
+    return g.workflow()
 
 
 NOTE_ENCODER = """
@@ -221,16 +240,10 @@ Models: `{ckpt}` in models/checkpoints, `{vision}` in models/clip_vision, the en
 
 def workflow_1(object_info):
     g = Graph(object_info)
-    g.note(0, NOTE_1.format(ckpt=SD15, vision=CLIP_VISION, encoder=ENCODER), height=420)
-    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
-    subject, reference = _subject_nodes(g, 1, ckpt)
-    pos, neg = _prompts(g, 2, ckpt)
-    latent = g.add("EmptyLatentImage", 2, width=512, height=512)
-    encoded = _encoder(g, 3, (ckpt, "MODEL"), subject)
-    ssa = _ssa(g, 3, (encoded, "model"), reference, (subject, "MASK"))
-    samples = _sampler(g, 4, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
-    _finish(g, 5, (samples, "LATENT"), ckpt, "dreamtuner/new_scene")
-    return g.workflow()
+    ckpt, subject, reference, pos, neg, latent = _base(
+        g, NOTE_1.format(ckpt=SD15, vision=CLIP_VISION, encoder=ENCODER), SD15, 512, note_height=420)
+    return _dreamtuner(g, 3, ckpt, subject, reference, (subject, "MASK"), (pos, "CONDITIONING"),
+                       (neg, "CONDITIONING"), latent, "dreamtuner/new_scene", encoder=True)
 
 
 NOTE_2 = """
@@ -259,11 +272,8 @@ def workflow_2(object_info):
     applied = g.add("ControlNetApplyAdvanced", 3, positive=(pos, "CONDITIONING"), negative=(neg, "CONDITIONING"),
                     control_net=(control, "CONTROL_NET"), image=(depth, "IMAGE"), vae=(ckpt, "VAE"), strength=0.8)
     latent = g.add("EmptyLatentImage", 3, width=512, height=512)
-    encoded = _encoder(g, 4, (ckpt, "MODEL"), subject)
-    ssa = _ssa(g, 4, (encoded, "model"), reference, (subject, "MASK"))
-    samples = _sampler(g, 5, ssa, (applied, "positive"), (applied, "negative"), latent)
-    _finish(g, 6, (samples, "LATENT"), ckpt, "dreamtuner/controlnet")
-    return g.workflow()
+    return _dreamtuner(g, 4, ckpt, subject, reference, (subject, "MASK"), (applied, "positive"),
+                       (applied, "negative"), latent, "dreamtuner/controlnet", encoder=True)
 
 
 NOTE_3 = """
@@ -283,15 +293,9 @@ Model: `{ckpt}` in models/checkpoints.
 
 def workflow_3(object_info):
     g = Graph(object_info)
-    g.note(0, NOTE_3.format(ckpt=SDXL), height=330)
-    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SDXL)
-    subject, reference = _subject_nodes(g, 1, ckpt)
-    pos, neg = _prompts(g, 2, ckpt)
-    latent = g.add("EmptyLatentImage", 2, width=1024, height=1024)
-    ssa = _ssa(g, 3, (ckpt, "MODEL"), reference, (subject, "MASK"))
-    samples = _sampler(g, 4, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
-    _finish(g, 5, (samples, "LATENT"), ckpt, "dreamtuner/sdxl")
-    return g.workflow()
+    ckpt, subject, reference, pos, neg, latent = _base(g, NOTE_3.format(ckpt=SDXL), SDXL, 1024)
+    return _dreamtuner(g, 3, ckpt, subject, reference, (subject, "MASK"), (pos, "CONDITIONING"),
+                       (neg, "CONDITIONING"), latent, "dreamtuner/sdxl")
 
 
 NOTE_4 = """
@@ -310,11 +314,7 @@ Model: `{ckpt}` in models/checkpoints.
 
 def workflow_4(object_info):
     g = Graph(object_info)
-    g.note(0, NOTE_4.format(ckpt=SD15), height=330)
-    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
-    subject, reference = _subject_nodes(g, 1, ckpt)
-    pos, neg = _prompts(g, 2, ckpt)
-    latent = g.add("EmptyLatentImage", 2, width=512, height=512)
+    ckpt, subject, reference, pos, neg, latent = _base(g, NOTE_4.format(ckpt=SD15), SD15, 512)
     ssa = _ssa(g, 3, (ckpt, "MODEL"), reference, (subject, "MASK"))
     guider = g.add("DreamTunerInterleavedCFGGuider", 3, model=(ssa, "model"), positive=(pos, "CONDITIONING"),
                    negative=(neg, "CONDITIONING"))
@@ -353,10 +353,8 @@ def workflow_5(object_info):
     pos, neg = _prompts(g, 3, ckpt, positive="a photo of a small red plush toy with big round eyes, waving, "
                                                "in a snowy garden")
     latent = g.add("EmptyLatentImage", 4, width=512, height=512)
-    ssa = _ssa(g, 4, (ckpt, "MODEL"), reference, (masks, "MASK"))
-    samples = _sampler(g, 5, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
-    _finish(g, 6, (samples, "LATENT"), ckpt, "dreamtuner/references")
-    return g.workflow()
+    return _dreamtuner(g, 4, ckpt, None, reference, (masks, "MASK"), (pos, "CONDITIONING"),
+                       (neg, "CONDITIONING"), latent, "dreamtuner/references")
 
 
 WORKFLOWS = {

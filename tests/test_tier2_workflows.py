@@ -94,6 +94,22 @@ def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_sub
         assert json.loads(image.info["workflow"])["nodes"]  # drops back onto the canvas
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_runner_runs_the_workflow_and_writes_an_image_of_the_requested_size(comfyui, path, tmp_path):
+    if path.stem == SDXL:
+        tier2.free_memory(comfyui.url)
+    result = _runner("--server", comfyui.url, "--workflow", str(path), "--size", "64x96", "--steps", "2",
+                     "--output", str(tmp_path / "out"))
+    if path.stem == SDXL:
+        tier2.free_memory(comfyui.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = (tmp_path / "out").iterdir()
+    from PIL import Image
+
+    with Image.open(written) as image:
+        assert image.size == (64, 96)
+
+
 def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui, tmp_path):
     from PIL import Image, ImageDraw
 
