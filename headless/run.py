@@ -130,7 +130,9 @@ def _with_mask(image, mask, folder):
 
 def apply_overrides(workflow, object_info, args, scratch):
     """The command line's choices, written into the UI workflow's widgets as the user would set them."""
-    definition = lambda node: object_info[node["type"]]  # noqa: E731
+    def definition(node):
+        return object_info[node["type"]]
+
     subject = _titled(_active(workflow, "LoadImage"), SUBJECT_TITLES)
     if (args.image or args.mask) and not subject:
         raise wf.WorkflowError("--image/--mask: the workflow has no LoadImage node")
@@ -247,7 +249,11 @@ def run(server, workflow, args):
         raise wf.WorkflowError(problems)
     prompt = wf.to_api(workflow, object_info)
     prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
-    entry = server.follow(prompt_id, Progress(prompt, object_info), args.timeout)
+    try:
+        entry = server.follow(prompt_id, Progress(prompt, object_info), args.timeout)
+    except KeyboardInterrupt:
+        server.interrupt(prompt_id)  # leave a running server idle, not busy with an abandoned run
+        raise
     if (entry.get("status") or {}).get("status_str") != "success":
         raise comfy_server.ServerError(comfy_server.failure_line(entry, prompt))
     images = [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())

@@ -125,6 +125,14 @@ class Server:
         except urllib.error.HTTPError as error:
             raise ServerError(rejection_lines(json.loads(error.read() or b"{}"), prompt)) from None
 
+    def interrupt(self, prompt_id):
+        """Stop this prompt, whether running or still queued."""
+        for path, payload in (("/interrupt", {"prompt_id": prompt_id}), ("/queue", {"delete": [prompt_id]})):
+            request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(request, timeout=10).close()
+
     def follow(self, prompt_id, on_event, timeout):
         """Call ``on_event(type, data)`` for this prompt's websocket messages until it ends; returns its history."""
         deadline = time.time() + timeout

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -167,6 +169,23 @@ def test_the_runner_reports_a_failing_node_in_one_line(comfyui, tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: node #{ssa['id']} 'Self-Subject-Attention (DreamTuner)' "
                            "(DreamTunerSelfSubjectAttention) failed: ") and "start_percent" in line
+
+
+def test_ctrl_c_stops_the_run_on_the_server_too(comfyui, tmp_path):
+    process = subprocess.Popen([*RUNNER, "--server", comfyui.url, "--workflow", str(WORKFLOWS[3]), "--steps", "500",
+                                "--size", "64x64", "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "SamplerCustomAdvanced" in line:  # sampling has started
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    deadline = time.time() + 30
+    while comfyui.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert comfyui.get("/queue") == {"queue_running": [], "queue_pending": []}
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not BROWSER_PYTHON or not pathlib.Path("/usr/bin/chromium").exists(),
