@@ -120,9 +120,12 @@ def _with_mask(image, mask, folder):
     except ImportError:
         raise wf.WorkflowError("--mask needs Pillow: run this with ComfyUI's Python, or put the mask into the "
                                "image's alpha channel yourself") from None
-    with Image.open(image) as picture, Image.open(mask) as alpha:
-        rgba = picture.convert("RGBA")
-        rgba.putalpha(alpha.convert("L").resize(rgba.size))
+    try:
+        with Image.open(image) as picture, Image.open(mask) as alpha:
+            rgba = picture.convert("RGBA")
+            rgba.putalpha(alpha.convert("L").resize(rgba.size))
+    except OSError as error:
+        raise wf.WorkflowError(f"--image/--mask: cannot read the images ({error})") from None
     target = pathlib.Path(folder) / f"{image.stem}_masked.png"
     rgba.save(target)
     return target
@@ -170,9 +173,9 @@ def apply_overrides(workflow, object_info, args, scratch):
             wf.set_widget(node, definition(node), "height", height)
     nodes = {str(n["id"]): n for n in workflow["nodes"]}
     for item in args.set:
-        target, _, value = item.partition("=")
-        node_id, _, name = target.partition(".")
-        if not _ or node_id not in nodes or nodes[node_id]["type"] not in object_info:
+        target, equals, value = item.partition("=")
+        node_id, dot, name = target.partition(".")
+        if not (equals and dot) or node_id not in nodes or nodes[node_id]["type"] not in object_info:
             raise wf.WorkflowError(f"--set {item}: write NODE_ID.INPUT=VALUE with the id of a node of this workflow")
         wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, _parse_value(value))
 
@@ -199,7 +202,7 @@ class Progress:
 
     def __init__(self, prompt, object_info, stream=sys.stdout):
         self.prompt, self.object_info, self.stream = prompt, object_info, stream
-        self.done, self.current, self.bar = 0, None, False
+        self.done, self.bar = 0, False
         self.tty = stream.isatty()
 
     def name(self, node_id):
@@ -219,7 +222,6 @@ class Progress:
         elif kind == "executing" and data.get("node") is not None:
             self._end_bar()
             self.done += 1
-            self.current = data["node"]
             self.stream.write(f"[{self.done:>2}/{len(self.prompt)}] {self.name(data['node'])}\n")
         elif kind == "progress":
             value, total = data.get("value", 0), max(data.get("max", 1), 1)

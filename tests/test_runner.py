@@ -60,6 +60,9 @@ def test_any_widget_can_be_set_by_node_id_and_bad_overrides_name_the_option(tmp_
     assert wf.widget_values(ssa, DEFS[ssa["type"]])["blocks"] == "output"
     for option, message in ((("--set", "999.omega_ref=1"), "NODE_ID.INPUT=VALUE"),
                             (("--set", f"{ssa['id']}.omega=1"), "has no widget 'omega'"),
+                            (("--set", f"{ssa['id']}.omega_ref"), "NODE_ID.INPUT=VALUE"),
+                            (("--set", f"{ssa['id']}=1"), "NODE_ID.INPUT=VALUE"),
+                            (("--mask", __file__), "cannot read the images"),
                             (("--size", "big"), "WIDTHxHEIGHT"),
                             (("--image", str(tmp_path / "none.png")), "is not a file")):
         with pytest.raises(wf.WorkflowError, match=message):
