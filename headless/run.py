@@ -200,16 +200,13 @@ def upload_images(workflow, object_info, server):
 class Progress:
     """Terminal progress from the server's messages: one line per node, a bar for sampling steps."""
 
-    def __init__(self, prompt, object_info, stream=sys.stdout):
-        self.prompt, self.object_info, self.stream = prompt, object_info, stream
+    def __init__(self, prompt, stream=sys.stdout):
+        self.prompt, self.stream = prompt, stream
         self.done, self.bar = 0, False
         self.tty = stream.isatty()
 
     def name(self, node_id):
-        entry = self.prompt.get(str(node_id), {})
-        kind = entry.get("class_type", "?")
-        title = (entry.get("_meta") or {}).get("title") or self.object_info.get(kind, {}).get("display_name") or kind
-        return f"#{node_id} {title}"
+        return f"#{node_id} {self.prompt[str(node_id)]['_meta']['title']}"  # to_api titles every node
 
     def _end_bar(self):
         if self.bar:
@@ -245,14 +242,14 @@ def run(server, workflow, args):
             raise wf.WorkflowError(problems)
         apply_overrides(workflow, object_info, args, scratch)
         upload_images(workflow, object_info, server)
-    object_info = server.object_info()  # now listing the uploaded images
+    object_info["LoadImage"] = server.get("/object_info/LoadImage")["LoadImage"]  # now listing the uploads
     problems = wf.check(workflow, object_info)
     if problems:
         raise wf.WorkflowError(problems)
     prompt = wf.to_api(workflow, object_info)
     prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
     try:
-        entry = server.follow(prompt_id, Progress(prompt, object_info), args.timeout)
+        entry = server.follow(prompt_id, Progress(prompt), args.timeout)
     except KeyboardInterrupt:
         server.interrupt(prompt_id)  # leave a running server idle, not busy with an abandoned run
         raise

@@ -22,6 +22,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from .workflow import node_label
+
 
 class ServerError(RuntimeError):
     """ComfyUI could not be started or reached, or refused the graph (``problems``: one line each)."""
@@ -96,6 +98,13 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def post(self, path, payload, timeout=60):
+        """POST a JSON payload; returns the raw answer (raises urllib's HTTPError on a refusal)."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+
     def object_info(self):
         return self.get("/object_info")
 
@@ -117,21 +126,16 @@ class Server:
     def queue(self, prompt, extra_data=None):
         """Queue an API-format prompt; returns its id, or raises with the server's validation errors."""
         payload = {"prompt": prompt, "client_id": self.client_id, "extra_data": extra_data or {}}
-        request = urllib.request.Request(self.url + "/prompt", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())["prompt_id"]
+            return json.loads(self.post("/prompt", payload))["prompt_id"]
         except urllib.error.HTTPError as error:
             raise ServerError(rejection_lines(json.loads(error.read() or b"{}"), prompt)) from None
 
     def interrupt(self, prompt_id):
         """Stop this prompt, whether running or still queued."""
         for path, payload in (("/interrupt", {"prompt_id": prompt_id}), ("/queue", {"delete": [prompt_id]})):
-            request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                             headers={"Content-Type": "application/json"})
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(request, timeout=10).close()
+                self.post(path, payload, timeout=10)
 
     def follow(self, prompt_id, on_event, timeout):
         """Call ``on_event(type, data)`` for this prompt's websocket messages until it ends; returns its history."""
@@ -189,9 +193,7 @@ class Server:
 
 def _title(prompt, node_id, class_type=None):
     entry = prompt.get(str(node_id), {})
-    kind = class_type or entry.get("class_type", "?")
-    title = (entry.get("_meta") or {}).get("title")
-    return f"node #{node_id} '{title}' ({kind})" if title else f"node #{node_id} ({kind})"
+    return node_label(node_id, class_type or entry.get("class_type", "?"), (entry.get("_meta") or {}).get("title"))
 
 
 def rejection_lines(answer, prompt):

@@ -76,7 +76,7 @@ def load(path) -> dict:
     return workflow
 
 
-def _spec_inputs(definition):
+def spec_inputs(definition):
     """(name, spec) of a node definition's inputs, required then optional, in the order the UI draws them."""
     inputs = definition.get("input", {})
     order = definition.get("input_order") or {}
@@ -96,6 +96,11 @@ def _options(spec):
     return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
+def is_widget(spec) -> bool:
+    """Whether the UI draws this input as a widget (with a value in ``widgets_values``) rather than a socket."""
+    return _kind(spec) in WIDGET_TYPES and not _options(spec).get("forceInput")
+
+
 def _choices(spec):
     if isinstance(spec[0], (list, tuple)):
         return tuple(spec[0])
@@ -105,10 +110,10 @@ def _choices(spec):
 def widgets(definition) -> list[Widget]:
     """The entries of ``widgets_values`` the web UI writes for a node of this definition, in order."""
     out = []
-    for name, spec in _spec_inputs(definition):
-        kind, options = _kind(spec), _options(spec)
-        if kind not in WIDGET_TYPES or options.get("forceInput"):
+    for name, spec in spec_inputs(definition):
+        if not is_widget(spec):
             continue
+        kind, options = _kind(spec), _options(spec)
         out.append(Widget(name, name, kind, options, _choices(spec) if kind == "COMBO" else None))
         if kind == "INT" and options.get("control_after_generate"):
             out.append(Widget("control_after_generate", None))
@@ -117,9 +122,14 @@ def widgets(definition) -> list[Widget]:
     return out
 
 
+def node_label(node_id, kind, title=None) -> str:
+    """How every message names a node: ``node #12 'Title' (ClassType)``."""
+    return f"node #{node_id} '{title}' ({kind})" if title else f"node #{node_id} ({kind})"
+
+
 def _describe(node, object_info=None) -> str:
     title = node.get("title") or ((object_info or {}).get(node.get("type")) or {}).get("display_name")
-    return f"node #{node.get('id')} '{title}' ({node.get('type')})" if title else f"node #{node.get('id')} ({node.get('type')})"
+    return node_label(node.get("id"), node.get("type"), title)
 
 
 def _subgraph_ids(workflow):

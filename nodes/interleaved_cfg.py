@@ -30,6 +30,8 @@ OPTIONAL_INPUTS = {
         "In Eq. 4 the second branch runs without self-subject-attention. On: it also runs without the "
         "subject encoder (if one is applied). Off (METHOD.md default): the subject encoder stays on.")}),
 }
+CFG_INPUT = ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                       "tooltip": "Text guidance scale w_c (Eq. 5), the usual CFG."})
 MODEL_TOOLTIP = ("A model with Self-Subject-Attention (DreamTuner) applied; interleaved guidance switches "
                  "it on and off per evaluation.")
 
@@ -49,8 +51,7 @@ class InterleavedCFGSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the noise and of the per-step choice between Eq. 4 and Eq. 5."}),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Number of denoising steps."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Text guidance scale w_c (Eq. 5), the usual CFG."}),
+                "cfg": CFG_INPUT,
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm, as in KSampler."}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule, as in KSampler."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt (text c), e.g. with the subject in a new scene."}),
@@ -95,8 +96,7 @@ class InterleavedCFGGuider:
                 "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt (text c), e.g. the subject in a new scene."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt (uc) of Eq. 5; needed unless p_r is 1."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Text guidance scale w_c (Eq. 5), the usual CFG."}),
+                "cfg": CFG_INPUT,
                 **GUIDANCE_INPUTS,
             },
             "optional": OPTIONAL_INPUTS,

@@ -22,7 +22,7 @@ import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from headless.workflow import widgets  # noqa: E402
+from headless.workflow import is_widget, spec_inputs, widgets  # noqa: E402
 
 # The file names most users have (README, "Model files").
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -49,15 +49,14 @@ class Graph:
     def add(self, kind, column, title=None, color=None, box_height=None, **values):
         """A node; keyword arguments set widgets (by input name) or connect sockets ((node, output name))."""
         definition = self.object_info[kind]
-        slots = widgets(definition)
-        widget_names = {slot.input for slot in slots}
-        unknown = set(values) - widget_names - set(self._sockets(definition))
+        slots, sockets = widgets(definition), self._sockets(definition)
+        unknown = set(values) - {slot.input for slot in slots} - set(sockets)
         if unknown:
             raise KeyError(f"{kind} has no input {sorted(unknown)}")
         node = {"id": len(self.nodes) + 1, "type": kind, "pos": [0, 0], "size": [0, 0], "flags": {}, "order": 0,
                 "mode": 0, "inputs": [], "outputs": [], "properties": {"Node name for S&R": kind},
                 "widgets_values": []}
-        for name, socket_type in self._sockets(definition).items():
+        for name, socket_type in sockets.items():
             socket = {"name": name, "type": socket_type, "link": self._link(values.get(name), node, socket_type)}
             if "." in name:
                 socket["label"] = name.rsplit(".", 1)[1]  # an autogrow slot, drawn by its short name
@@ -88,18 +87,18 @@ class Graph:
 
     @staticmethod
     def _sockets(definition):
+        """{socket name: type} of a definition's linkable inputs, autogrow inputs expanded to their minimum."""
         out = {}
-        for section in ("required", "optional"):
-            specs = definition["input"].get(section) or {}
-            for name in (definition.get("input_order") or {}).get(section) or list(specs):
-                kind = specs[name][0]
-                if kind == "COMFY_AUTOGROW_V3":  # core dynamic inputs: 'masks.mask0', 'masks.mask1', ...
-                    template = specs[name][1]["template"]
-                    (item_type, _), = template["input"]["required"].values()
-                    names = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["min"])]
-                    out.update({f"{name}.{item}": item_type for item in names})
-                elif isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                    out[name] = kind
+        for name, spec in spec_inputs(definition):
+            if is_widget(spec):
+                continue
+            if spec[0] == "COMFY_AUTOGROW_V3":  # core dynamic inputs: 'masks.mask0', 'masks.mask1', ...
+                template = spec[1]["template"]
+                (item_type, _), = template["input"]["required"].values()
+                names = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["min"])]
+                out.update({f"{name}.{item}": item_type for item in names})
+            else:
+                out[name] = spec[0]
         return out
 
     def _link(self, source, target, socket_type):

@@ -146,7 +146,7 @@ class _Stream(io.StringIO):
 def test_progress_shows_each_node_once_and_the_sampling_steps():
     prompt = wf.to_api(wf.load(WORKFLOWS[3]), DEFS)
     stream = _Stream()
-    progress = runner.Progress(prompt, DEFS, stream)
+    progress = runner.Progress(prompt, stream)
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced")
     progress("execution_cached", {"nodes": ["2", "3"]})
     progress("executing", {"node": sampler})

@@ -66,14 +66,14 @@ def test_the_workflow_runs_through_prompt_and_saves_an_image_of_the_requested_si
         if node["type"] == "EmptyLatentImage":
             wf.set_widget(node, object_info[node["type"]], "width", 96)  # not square: width and height kept apart
     if path.stem == SDXL:
-        tier2.free_memory(comfyui.url)  # an SDXL UNet in fp32 on the CPU takes 10 GB
+        tier2.free_memory(comfyui)  # an SDXL UNet in fp32 on the CPU takes 10 GB
     prompt = wf.to_api(workflow, object_info)
     entry = tier2.run(comfyui, prompt)
     (save_id,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
     with tier2.saved_image(comfyui, entry, save_id, tmp_path) as image:
         assert image.size == (96, 64)
     if path.stem == SDXL:
-        tier2.free_memory(comfyui.url)
+        tier2.free_memory(comfyui)
 
 
 def _runner(*args, timeout=900):
@@ -81,7 +81,7 @@ def _runner(*args, timeout=900):
 
 
 def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_subject(comfyui, tmp_path):
-    tier2.free_memory(comfyui.url)  # this starts a second ComfyUI
+    tier2.free_memory(comfyui)  # this starts a second ComfyUI
     result = _runner("--comfyui", tier2.COMFYUI_PATH, "--python", tier2.python(), "--cpu",
                      *[f"--comfy-arg={a}" for a in tier2.server_args(comfyui.base)[1:]],
                      "--size", "64x64", "--steps", "2", "--output", str(tmp_path / "out"))
@@ -99,11 +99,11 @@ def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_sub
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
 def test_the_runner_runs_the_workflow_and_writes_an_image_of_the_requested_size(comfyui, path, tmp_path):
     if path.stem == SDXL:
-        tier2.free_memory(comfyui.url)
+        tier2.free_memory(comfyui)
     result = _runner("--server", comfyui.url, "--workflow", str(path), "--size", "64x96", "--steps", "2",
                      "--output", str(tmp_path / "out"))
     if path.stem == SDXL:
-        tier2.free_memory(comfyui.url)
+        tier2.free_memory(comfyui)
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = (tmp_path / "out").iterdir()
     from PIL import Image

@@ -11,14 +11,12 @@ The model files are cached between runs in ``~/.cache/comfyui-dreamtuner``.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -96,16 +94,9 @@ def server_args(base):
             "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
 
 
-def post(url, path, payload):
-    request = urllib.request.Request(url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.read()
-
-
-def free_memory(url):
+def free_memory(comfy):
     """Ask the server to drop its loaded models and cached outputs (before and after an SDXL run)."""
-    post(url, "/free", {"unload_models": True, "free_memory": True})
+    comfy.post("/free", {"unload_models": True, "free_memory": True})
     time.sleep(3)  # the prompt worker applies the flags between prompts, within about a second
 
 
