@@ -186,6 +186,10 @@ class SelfSubjectAttentionReplace:
         biased_kwargs = dict(host.attention_kwargs(biased, extra_options), pad_keys_to=host.key_alignment(biased))
         layer = layer_key(extra_options)
         n, groups = call.n_generated, call.groups
+        if q.shape[0] != k.shape[0] and k.numel() % (q.shape[0] * k.shape[-1]) == 0:
+            # HyperTile tiles only the queries; the host's attention then reads the keys/values as
+            # ``q.shape[0]`` consecutive chunks (its reshape by the query batch). Do the same here.
+            k, v = k.reshape(q.shape[0], -1, k.shape[-1]), v.reshape(q.shape[0], -1, v.shape[-1])
         if k.shape[0] != n + len(call.reference_rows):
             # A tiling patch (HyperTile) splits each generated item into consecutive tiles before this
             # layer; every tile of an item reads that item's reference features.
