@@ -231,7 +231,7 @@ NOTE_1 = """
 2. **Positive prompt**: describe the subject in the new scene, pose or style.
 3. **Self-Subject-Attention**: `omega_ref` 3.0 (paper; 2.5 for anime). Higher keeps more identity and details,
    too high lowers quality.
-4. **Interleaved CFG sampler**: `p_r` 0.9 and `w_r` = `cfg` as in the paper.
+4. **Interleaved CFG sampler**: `p_r` 0.9 and `w_r` -1, which means the same as `cfg`, as in the paper.
 
 Models: `{ckpt}` in models/checkpoints, `{vision}` in models/clip_vision, the encoder in models/dreamtuner.
 """ + NOTE_ENCODER
