@@ -26,6 +26,7 @@ line evaluation uses the same code as the node.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -206,6 +207,20 @@ class HostClipVision:
 
 # ----------------------------------------------------------------------------- loading from files
 
+class _quiet_about_random_init(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning while the model is created: its weights follow."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+
+
 def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offload_device="cpu") -> OpenClipScorer:
     """An open_clip model of ``architecture`` with the weights of the safetensors file ``path``.
 
@@ -223,7 +238,8 @@ def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offl
     if architecture not in open_clip.list_models():
         raise DreamTunerInputError(f"clip architecture '{architecture}' is not an open_clip model name; use the "
                                    "name the file was trained as, e.g. ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14.")
-    model = open_clip.create_model(architecture, pretrained=None, load_weights=False, device="cpu")
+    with _quiet_about_random_init():
+        model = open_clip.create_model(architecture, pretrained=None, load_weights=False, device="cpu")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True)
     except (RuntimeError, KeyError, ValueError, OSError) as error:
