@@ -215,7 +215,8 @@ def markdown(rows: Sequence[dict], title: str = "Subject fidelity") -> str:
                 label = setting if group == "all" else f"{setting} ({group})"
                 lines.append(f"| {label} | {groups[group]['images']} | "
                              + " | ".join(_cell(groups[group][m]) for m in metrics) + " |")
-    lines += ["", "Reported in DreamTuner's Table 1 (DreamBench, one reference image, CLIP ViT-B/32):", "",
+    lines += ["", "Reported in DreamTuner's Table 1 (one reference image per subject; the paper names neither its "
+              "test set nor its CLIP model):", "",
               "| method | CLIP-T | CLIP-I |", "|---|---:|---:|"]
     lines += [f"| {name} | {t:.3f} | {i:.3f} |" for name, (t, i) in PAPER_TABLE_1.items()]
     for setting, groups in table.items():

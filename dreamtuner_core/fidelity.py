@@ -234,7 +234,7 @@ def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offl
                                    "(in ComfyUI's Python).") from None
     if not str(path).endswith(".safetensors") or not os.path.isfile(path):
         raise DreamTunerInputError(f"clip model '{path}' must be an existing .safetensors file of open_clip "
-                                   "weights (e.g. open_clip_model.safetensors of laion/CLIP-ViT-B-32-laion2B-s34B-b79K).")
+                                   "weights (the open_clip_*model.safetensors file of an OpenCLIP model).")
     if architecture not in open_clip.list_models():
         raise DreamTunerInputError(f"clip architecture '{architecture}' is not an open_clip model name; use the "
                                    "name the file was trained as, e.g. ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14.")

@@ -349,8 +349,11 @@ def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
 
 # ----------------------------------------------------------------------------- plot
 
-def plot(rows, path) -> Optional[pathlib.Path]:
-    """CLIP-I (and DINO) against CLIP-T, one point per setting in sweep order, beside DreamTuner's Table 1."""
+def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
+    """CLIP-I (and DINO) against CLIP-T, one point per setting, beside DreamTuner's Table 1.
+
+    One curve per combination of the other swept values, along the first swept name.
+    """
     try:
         import matplotlib
 
@@ -360,18 +363,25 @@ def plot(rows, path) -> Optional[pathlib.Path]:
         print("note: matplotlib is not installed, no plot (pip install matplotlib)", file=sys.stderr)
         return None
     table = dreambench.summary(rows)
-    points = {s: g["all"] for s, g in table.items() if g["all"][fidelity.CLIP_T] is not None}
+    points = {s: table[s.label]["all"] for s in settings
+              if s.label in table and table[s.label]["all"][fidelity.CLIP_T] is not None}
     panels = [m for m in (fidelity.CLIP_I, fidelity.DINO) if any(p[m] is not None for p in points.values())]
     if not points or not panels:
         print("note: no plot: it needs CLIP-T and CLIP-I or DINO", file=sys.stderr)
         return None
+    curves = {}
+    for setting in points:
+        curves.setdefault(setting.values[1:], []).append(setting)
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, metric in zip(axes[0], panels):
-        xs = [p[fidelity.CLIP_T] for p in points.values()]
-        ys = [p[metric] for p in points.values()]
-        ax.plot(xs, ys, "o-", color="tab:blue", label="this run (one point per setting)")
-        for label, x, y in zip(points, xs, ys):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for rest, members in curves.items():
+            xs = [points[s][fidelity.CLIP_T] for s in members]
+            ys = [points[s][metric] for s in members]
+            name = ",".join(f"{k}={v}" for k, v in rest) or "this run"
+            ax.plot(xs, ys, "o-", label=name)
+            for s, x, y in zip(members, xs, ys):
+                text = f"{s.values[0][0]}={s.values[0][1]}" if s.values else s.label
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if metric == fidelity.CLIP_I:
             for name, (t, i) in dreambench.PAPER_TABLE_1.items():
                 mine = name == "DreamTuner"
@@ -415,7 +425,7 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
     rows = score_jobs(jobs, models)
     dreambench.write_atomic(args.output / CSV_NAME, dreambench.csv_text(rows))
     dreambench.write_atomic(args.output / TABLE_NAME, dreambench.markdown(rows))
-    plot(rows, args.output / PLOT_NAME)
+    plot(rows, args.output / PLOT_NAME, settings)
     return rows
 
 

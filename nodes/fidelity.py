@@ -72,8 +72,9 @@ class ScoringModelsLoader:
         clips, dinos = _scoring_files()
         return {"required": {
             "clip_name": ([NONE] + clips, {"tooltip": (
-                "An open_clip CLIP model file (.safetensors) in models/dreamtuner/scoring/, e.g. "
-                "open_clip_model.safetensors of laion/CLIP-ViT-B-32-laion2B-s34B-b79K, renamed. 'none' skips "
+                "An open_clip CLIP model file (.safetensors) in models/dreamtuner/scoring/: the open_clip "
+                "weights of an OpenCLIP model (open_clip_*model.safetensors in its Hugging Face repository), "
+                "renamed as you like. 'none' skips "
                 "CLIP-T (and CLIP-I unless a CLIP_VISION is connected to the score node).")}),
             "clip_architecture": ("STRING", {"default": "ViT-B-32", "tooltip": (
                 "open_clip's name of the file's architecture: ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14, ...")}),
