@@ -73,12 +73,14 @@ def fill(template: str, class_word: str, token: str = "") -> str:
 
 # ----------------------------------------------------------------------------- images and folders
 
-def image_files(folder, what: str) -> list:
-    """The image files of ``folder``, sorted by name; a named error for a missing or empty folder."""
+def image_files(folder, what: str, exclude=()) -> list:
+    """The image files of ``folder`` (but the names in ``exclude``), sorted by name; a named error for a
+    missing or empty folder."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise DreamTunerInputError(f"{what}: {folder} is not a folder.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in exclude)
     if not files:
         raise DreamTunerInputError(f"{what}: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return files

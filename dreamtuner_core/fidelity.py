@@ -27,7 +27,6 @@ line evaluation uses the same code as the node.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -319,7 +318,7 @@ def _prompts_for(prompts, count: int):
     return prompts if all(p.strip() for p in prompts) else []
 
 
-def score_images(generated: Images, references: Images, prompts=None, models: ScoringModels = ScoringModels(),
+def score_images(generated: Images, references: Images, prompts=None, models: Optional[ScoringModels] = None,
                  check_interrupt: Optional[Callable[[], None]] = None) -> Scores:
     """CLIP-I, CLIP-T and DINO of each generated image; references already prepared (see prepare_references).
 
@@ -330,6 +329,7 @@ def score_images(generated: Images, references: Images, prompts=None, models: Sc
         raise DreamTunerInputError("images: no generated image to score.")
     if sum(b.shape[0] for b in _as_batches(references)) == 0:
         raise DreamTunerInputError("reference: no reference image to compare with.")
+    models = models or ScoringModels()
     scores = Scores()
     texts = _prompts_for(prompts, count)
     cache = {}
@@ -424,7 +424,3 @@ def chart(scores: Scores, order: Optional[Sequence[int]] = None, width: int = 51
     draw.line([(left, bottom), (right, bottom)], fill=(0, 0, 0))
     pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return (pixels.float() / 255.0)[None]
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, float) and math.isfinite(value)

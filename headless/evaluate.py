@@ -198,7 +198,7 @@ def dreambench_jobs(args, settings) -> list:
 
 def folder_jobs(args) -> list:
     """Folder mode: every generated image, scored against every real image, with its prompt."""
-    generated = dreambench.image_files(args.generated, "--generated")
+    generated = dreambench.image_files(args.generated, "--generated", exclude=(PLOT_NAME,))  # a previous run's plot
     real = dreambench.image_files(args.real, "--real")
     prompts = dreambench.read_prompt_file(args.prompts, generated)
     return [Job(Setting(), args.real.name, "", None, i, p, p, None, real[0], g, real)
@@ -210,7 +210,7 @@ def folder_jobs(args) -> list:
 class RunnerGenerator:
     """Makes one image per call with the pack's headless runner on a ComfyUI server."""
 
-    def __init__(self, server, workflow, args):
+    def __init__(self, server, workflow, args, settings=()):
         from . import run as runner
         from . import workflow as wf
 
@@ -219,6 +219,9 @@ class RunnerGenerator:
         problems = wf.check(workflow, self.object_info, check_values=False)
         if problems:
             raise wf.WorkflowError(problems)
+        for setting in settings:  # every swept name names a widget, before the first image is made
+            for name, _ in setting.values:
+                self.targets(name)
 
     def targets(self, name):
         """``NODE_ID.NAME`` entries of every active node with widget ``name`` (or the one named)."""
@@ -267,13 +270,13 @@ class RunnerGenerator:
 
 
 @contextlib.contextmanager
-def runner_generator(args):
+def runner_generator(args, settings=()):
     from . import run as runner
     from . import workflow as wf
 
     workflow = wf.load(args.workflow)
     with runner._connect(args) as server:
-        yield RunnerGenerator(server, workflow, args)
+        yield RunnerGenerator(server, workflow, args, settings)
 
 
 def _progress(total, description):
@@ -418,7 +421,7 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
         made = generate_missing(jobs, generate)
         print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
     elif args.workflow is not None:
-        with runner_generator(args) as runner:
+        with runner_generator(args, settings) as runner:
             made = generate_missing(jobs, runner)
         print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
     check_complete(jobs)

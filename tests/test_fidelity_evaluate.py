@@ -167,6 +167,9 @@ def test_two_folders_with_a_prompt_file(tmp_path, models, capsys):
     with torch.no_grad():
         t = models["clip"].encode_text(open_clip.get_tokenizer(fm.TINY_CLIP)(["a can on the beach"])).double()
     assert abs(float(rows[1]["clip_t"]) - cos(g[0], t[0])) <= TOL + 5e-7
+    assert (generated / evaluate.PLOT_NAME).is_file()
+    # run again in the same folder: the previous run's plot is not taken for a generated image
+    assert evaluate.main(args) == 0 and read_rows(generated / evaluate.CSV_NAME) == rows
     capsys.readouterr()
 
 
