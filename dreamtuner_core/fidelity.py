@@ -18,7 +18,7 @@ image's mean over the real images, so one score per generated image (used to
 rank a batch) and the protocol's mean come from the same numbers.
 
 Models come from the user's files, loaded without downloading anything and
-without pickle: CLIP from an open_clip ``.safetensors`` file (or, for CLIP-I
+without pickle: CLIP from an open_clip ``.safetensors`` file (read with safetensors) (or, for CLIP-I
 in the graph, the host's CLIP vision model), DINO from a local Hugging Face
 folder through ``transformers``. Nothing here imports ComfyUI, so the command
 line evaluation uses the same code as the node.
@@ -223,27 +223,42 @@ class _quiet_about_random_init(logging.Filter):
 def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offload_device="cpu") -> OpenClipScorer:
     """An open_clip model of ``architecture`` with the weights of the safetensors file ``path``.
 
-    open_clip reads ``.safetensors`` with safetensors' own loader (no pickle); the model is
-    created without weights first, so nothing is downloaded.
+    The model is created without weights (nothing is downloaded) and the file is read with
+    safetensors' own loader, never pickle, whatever open_clip's version does with files.
     """
     try:
         import open_clip
     except ImportError:
         raise DreamTunerInputError("CLIP-T needs the package open_clip_torch: pip install open_clip_torch "
                                    "(in ComfyUI's Python).") from None
+    import safetensors
+    import safetensors.torch
+
     if not str(path).endswith(".safetensors") or not os.path.isfile(path):
         raise DreamTunerInputError(f"clip model '{path}' must be an existing .safetensors file of open_clip "
                                    "weights (the open_clip_*model.safetensors file of an OpenCLIP model).")
     if architecture not in open_clip.list_models():
         raise DreamTunerInputError(f"clip architecture '{architecture}' is not an open_clip model name; use the "
                                    "name the file was trained as, e.g. ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14.")
-    with _quiet_about_random_init():
-        model = open_clip.create_model(architecture, pretrained=None, load_weights=False, device="cpu")
+    name = os.path.basename(path)
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as error:
+        state = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise DreamTunerInputError(f"clip model '{name}' is not a readable safetensors file ({error}).") from None
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    with _quiet_about_random_init():
+        try:
+            model = open_clip.create_model(architecture, pretrained=None, load_weights=False, device="cpu")
+        except TypeError:  # open_clip before 3.0: no load_weights, and pretrained=None loads nothing either
+            model = open_clip.create_model(architecture, pretrained=None, device="cpu")
+    scale = state.get("logit_scale")
+    if scale is not None and scale.ndim != model.logit_scale.ndim:
+        state["logit_scale"] = scale.reshape(model.logit_scale.shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
         raise DreamTunerInputError(
-            f"clip model '{os.path.basename(path)}' does not hold open_clip {architecture} weights "
+            f"clip model '{name}' does not hold open_clip {architecture} weights "
             f"({str(error).splitlines()[0][:200]}). Give the architecture the file was made for.") from None
     return OpenClipScorer(model, open_clip.get_tokenizer(architecture), architecture, str(path), device, offload_device)
 

@@ -1,7 +1,8 @@
 """CLIP-I, CLIP-T and DINO (dreamtuner_core.fidelity) and the Subject Score node, against cosines by hand.
 
 Random-weight models in the real formats, loaded back through the real loaders:
-an open_clip model saved as safetensors and loaded by ``open_clip.load_checkpoint``,
+an open_clip model saved as safetensors (read back with safetensors into the model
+``open_clip.create_model`` builds: no pickle, whatever open_clip's version),
 a transformers ViTModel saved with ``save_pretrained`` and loaded with
 ``from_pretrained(local_files_only=True)``, and a host CLIP vision model
 (``comfy.clip_vision.ClipVisionModel``). Each expected score is computed here
@@ -222,6 +223,10 @@ def test_bad_models_and_inputs_are_named(files, tmp_path):
         fidelity.load_open_clip(files["clip_path"], "ViT-Nonexistent-99")
     with pytest.raises(DreamTunerInputError, match=f"does not hold open_clip {fm.TINY_CLIP_OTHER} weights"):
         fidelity.load_open_clip(files["clip_path"], fm.TINY_CLIP_OTHER)
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(DreamTunerInputError, match="'garbled.safetensors' is not a readable safetensors file"):
+        fidelity.load_open_clip(str(garbled), fm.TINY_CLIP)
     with pytest.raises(DreamTunerInputError, match="must hold config.json and model.safetensors"):
         fidelity.load_dino(str(tmp_path))
     with pytest.raises(DreamTunerInputError, match="no generated image"):
