@@ -421,7 +421,7 @@ def chart(scores: Scores, order: Optional[Sequence[int]] = None, width: int = 51
     x = left + 4
     for metric in metrics:  # legend
         draw.rectangle([x, 6, x + 10, 16], fill=COLOURS[metric])
-        draw.text((x + 14, 5), f"{LABELS[metric]} {scores.mean(metric):.3f}", fill=(0, 0, 0))
+        draw.text((x + 14, 5), f"{LABELS[metric]} = {scores.mean(metric):.3f}", fill=(0, 0, 0))
         x += 110
     if metrics and order:
         group = (right - left) / len(order)
@@ -433,7 +433,7 @@ def chart(scores: Scores, order: Optional[Sequence[int]] = None, width: int = 51
                 bx = x0 + k * bar
                 draw.rectangle([bx, bottom - value * (bottom - top), bx + bar - 1, bottom], fill=COLOURS[metric])
             if group >= 14:
-                draw.text((x0, bottom + 4), str(i), fill=(0, 0, 0))
+                draw.text((x0, bottom + 4), f"#{i}", fill=(0, 0, 0))
     else:
         draw.text((left, height // 2), "no metric computed", fill=(0, 0, 0))
     draw.line([(left, bottom), (right, bottom)], fill=(0, 0, 0))
