@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -238,10 +239,13 @@ class RunnerGenerator:
         wf, server = self.wf, self.server
         workflow, object_info = copy.deepcopy(self.workflow), dict(self.object_info)
         overrides = [f"{t}={json.dumps(v)}" for name, v in job.setting.values for t in self.targets(name)]
-        options = argparse.Namespace(image=job.reference, mask=None, prompt=job.prompt, negative=self.args.negative,
-                                     seed=job.seed, steps=self.args.steps, size=self.args.size,
-                                     set=list(self.args.set) + overrides)
         with tempfile.TemporaryDirectory(prefix="dreamtuner-inputs-") as scratch:
+            # Uploaded under a name of its own: DreamBench names every subject's images 00.jpg, 01.jpg, ...
+            reference = pathlib.Path(scratch) / f"dreambench-{job.subject}-{job.reference.name}"
+            shutil.copyfile(job.reference, reference)
+            options = argparse.Namespace(image=reference, mask=None, prompt=job.prompt, negative=self.args.negative,
+                                         seed=job.seed, steps=self.args.steps, size=self.args.size,
+                                         set=list(self.args.set) + overrides)
             self.runner.apply_overrides(workflow, object_info, options, scratch)
             self.runner.upload_images(workflow, object_info, server)
         object_info["LoadImage"] = server.get("/object_info/LoadImage")["LoadImage"]
@@ -449,6 +453,9 @@ def main(argv=None, generate: Optional[Callable[[Job], None]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
+    except OSError as error:  # the server went away, a disk is full: no traceback, the same resumable state
+        print(f"error: {error}; run the same command again to continue", file=sys.stderr)
+        return 1
     print(f"wrote {args.output / CSV_NAME}, {args.output / TABLE_NAME}", file=sys.stderr)
     print(pathlib.Path(args.output / TABLE_NAME).read_text(encoding="utf-8").split("\n## Per subject")[0])
     return 0
