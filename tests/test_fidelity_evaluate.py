@@ -9,7 +9,9 @@ gives its named error and writes nothing.
 """
 
 import csv
+import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ from PIL import Image
 
 import fidelity_models as fm
 from comfyui_dreamtuner.dreamtuner_core import dreambench
+from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.headless import evaluate
+from comfyui_dreamtuner.headless import server as comfy_server
+from comfyui_dreamtuner.headless import workflow as wf
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
 pytest.importorskip("transformers", reason="transformers is not installed")
@@ -244,3 +249,71 @@ def test_the_protocol_data_is_dreambench():
     assert object_prompts[20:] == live_prompts[20:] and len(set(object_prompts) | set(live_prompts)) == 35
     assert dreambench.fill(live_prompts[13], "dog", "sks") == "a sks dog wearing a black top hat and a monocle"
     assert dreambench.fill(object_prompts[20], "vase") == "a red vase"
+
+
+class _RecordingServer:
+    """Stands in for headless.server.Server: answers as ComfyUI would and records what the runner sends."""
+
+    def __init__(self, defs, images_per_run=1):
+        self.defs, self.images_per_run = defs, images_per_run
+        self.uploaded, self.queued = {}, []
+
+    def object_info(self):
+        return json.loads(json.dumps(self.defs))
+
+    def get(self, path):
+        assert path == "/object_info/LoadImage"
+        spec = json.loads(json.dumps(self.defs["LoadImage"]))
+        spec["input"]["required"]["image"][0] = sorted(self.uploaded)
+        return {"LoadImage": spec}
+
+    def upload_image(self, path):
+        self.uploaded[path.name] = path.read_bytes()
+        return path.name
+
+    def queue(self, prompt, extra_data=None):
+        self.queued.append(prompt)
+        return f"id{len(self.queued)}"
+
+    def follow(self, prompt_id, on_event, timeout):
+        images = [{"filename": f"out_{k}.png", "subfolder": "", "type": "output"} for k in range(self.images_per_run)]
+        return {"status": {"status_str": "success"}, "outputs": {"9": {"images": images}}}
+
+    def download(self, image, folder):
+        return save_png(pathlib.Path(folder) / image["filename"], seed=len(self.queued))
+
+
+def test_the_runner_generator_sets_reference_prompt_seed_and_swept_widgets(dataset, tmp_path):
+    from workflow_defs import WORKFLOWS, installation
+
+    defs = installation()
+    workflow_path = next(p for p in WORKFLOWS if p.name.startswith("dreamtuner_1"))
+    args = evaluate.parse_args(bench_args(dataset, tmp_path / "out", {"args": ["--clip", "x.safetensors"]},
+                                          "--workflow", str(workflow_path), "--server", "http://127.0.0.1:1",
+                                          "--sweep", "omega_ref=0,2.5", "--steps", "3"))
+    settings = evaluate.parse_sweep(args.sweep)
+    jobs = [j for j in evaluate.dreambench_jobs(args, settings) if j.subject == "dog"][-2:]  # omega_ref=2.5
+    server = _RecordingServer(defs)
+    generator = evaluate.RunnerGenerator(server, wf.load(workflow_path), args, settings)
+    for job in jobs:
+        generator(job)
+        assert job.target.is_file()
+    assert sorted(server.uploaded) == ["dreambench-dog-00.jpg"]  # a name of its own, not DreamBench's 00.jpg
+    for job, prompt in zip(jobs, server.queued):
+        by_type = {}
+        for node in prompt.values():
+            by_type.setdefault(node["class_type"], []).append(node["inputs"])
+        assert [n["omega_ref"] for n in by_type["DreamTunerSelfSubjectAttention"]] == [2.5]
+        sampler = by_type["DreamTunerInterleavedCFGSampler"][0]
+        assert (sampler["seed"], sampler["steps"]) == (job.seed, 3)
+        assert job.prompt == "a sks dog in the snow" and job.prompt in [n["text"] for n in by_type["CLIPTextEncode"]]
+        assert [n["image"] for n in by_type["LoadImage"] if n["image"].startswith("dreambench")] == \
+               ["dreambench-dog-00.jpg"]
+
+    with pytest.raises(DreamTunerInputError, match="no node of the workflow has a 'omega' widget"):
+        evaluate.RunnerGenerator(server, wf.load(workflow_path), args, evaluate.parse_sweep(["omega=1"]))
+    two = evaluate.RunnerGenerator(_RecordingServer(defs, images_per_run=2), wf.load(workflow_path), args)
+    jobs[0].target.unlink()
+    with pytest.raises(comfy_server.ServerError, match="saved 2 images in one run"):
+        two(jobs[0])
+    assert not jobs[0].target.exists()
