@@ -6,7 +6,7 @@ in the server's models/dreamtuner/scoring/: an open_clip ViT-B-32 checkpoint
 - The loader lists them; a graph scores a batch against a reference that is
   one of its images: sorted by CLIP-I or DINO that image comes first (cosine 1).
 - evaluate.py generates a small DreamBench sweep through the headless runner
-  on workflow 1, scores it, and a second run generates nothing.
+  on workflow 4, scores it, and a second run generates nothing.
 """
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ def test_evaluate_generates_a_sweep_through_the_runner_and_resumes(comfyui, scor
     for i, colour in enumerate(((200, 60, 40), (40, 60, 200))):
         Image.new("RGB", (80, 64), colour).save(dataset / f"{i:02d}.png")
     out = tmp_path / "out"
+    tier2.free_memory(comfyui)  # the graph tests' CLIP models: this machine's memory is shared
+    # workflow 4 (SD1.5, self-subject-attention, the guider): the runner's whole path without the ViT-H tower
     argv = [*EVALUATE, "--server", comfyui.url, "--workflow",
-            str(ROOT / "workflows" / "dreamtuner_1_single_image_new_scenes.json"),
+            str(ROOT / "workflows" / "dreamtuner_4_guider_custom_sampling.json"),
             "--dreambench", str(tmp_path / "dataset"), "--generated", str(out), "--subjects", "dog",
             "--prompts-per-subject", "1", "--images-per-prompt", "2", "--seed", "7", "--sweep", "omega_ref=0,2.5",
             "--steps", "2", "--size", "64x64", "--clip", str(scoring / "vit-b-32-random.safetensors"),
@@ -111,7 +113,7 @@ def test_evaluate_generates_a_sweep_through_the_runner_and_resumes(comfyui, scor
                 prompt = json.loads(image.info["prompt"])  # what the engine ran
             inputs = [v["inputs"] for v in prompt.values()]
             assert [i["omega_ref"] for i in inputs if "omega_ref" in i] == [w]
-            assert [i["seed"] for i in inputs if "seed" in i] == [seed]
+            assert [i["noise_seed"] for i in inputs if "noise_seed" in i] == [seed]
             assert "a dog in the jungle" in [i.get("text") for i in inputs]
             assert "dreambench-dog-00.png" in [i.get("image") for i in inputs]  # uploaded under its own name
     with open(out / "fidelity.csv", newline="") as handle:
