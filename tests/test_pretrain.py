@@ -114,8 +114,11 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(smoke_files, tmp_path):
     assert resumed.step == full.step == 3
     for key, value in full.encoder.state_dict().items():
         assert torch.equal(value, resumed.encoder.state_dict()[key]), key
-    for a, b in zip(full.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    full_state, resumed_state = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sorted(full_state) == sorted(resumed_state)
+    for index, values in full_state.items():
+        assert all(torch.equal(values[k], resumed_state[index][k]) for k in values), index
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
     full_rows = RunFiles(str(tmp_path / "full"), True).rows()
     cut_rows = RunFiles(str(tmp_path / "cut"), True).rows()
     assert [(r["step"], r["loss"]) for r in full_rows] == [(r["step"], r["loss"]) for r in cut_rows]
@@ -153,29 +156,33 @@ def test_training_forward_equals_the_inference_patch(smoke_files, tmp_path):
     dataset = PreparedDataset(smoke_files["data"], SIZE, augmentation=Augmentation(enabled=False))
     sample = dataset[1]
     batch = torch.utils.data.default_collate([sample])
-    features, x_noisy, sigma, x0, context, control = t.prepare(0, batch)
+    features, x_noisy, sigma, x0, context, _ = t.prepare(0, batch)
 
     # the reference the encoder sees: background whitened with the mask, as at inference (by hand here)
     from PIL import Image
     import numpy
 
     entry = dataset.entries[1]
-    mask = torch.from_numpy(numpy.asarray(Image.open(os.path.join(smoke_files["data"], entry["mask"])))).float() / 255
+    mask = torch.from_numpy(numpy.array(Image.open(os.path.join(smoke_files["data"], entry["mask"])))).float() / 255
     target = sample["target"]
     torch.testing.assert_close(sample["reference"], target * mask + (1 - mask))
 
     patched, _ = apply_subject_encoder(t.frozen.patcher, t.encoder, t.frozen.clip_vision,
                                        sample["reference"].movedim(0, -1)[None], beta=1.0)
     options = patched.model_options["transformer_options"]
+
+    def control():  # the host's UNet pops the residuals it adds: one control dict per forward
+        return t.frozen.control(x_noisy, sigma, context, batch["depth"], 1.0, {})
+
     with torch.no_grad():
-        inference = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control,
+        inference = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control(),
                                               transformer_options=options)
-        plain = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control)
+        plain = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control())
         from comfyui_dreamtuner.dreamtuner_core.pretrain import TrainingPatch
 
         tokens = t.encoder.encode(features)
         training = t.frozen.base.apply_model(
-            x_noisy, sigma, c_crossattn=context, control=control,
+            x_noisy, sigma, c_crossattn=context, control=control(),
             transformer_options={"patches": {"middle_patch": [TrainingPatch(t.encoder, tokens, 1.0)]}})
     assert not torch.equal(inference, plain)
     torch.testing.assert_close(training, inference, rtol=0, atol=64 * torch.finfo(torch.float32).eps *
