@@ -309,21 +309,25 @@ def prediction_error(model_sampling, sigma, denoised, x0):
 
 
 def enable_gradient_checkpointing(unet):
-    """Recompute each UNet ResBlock / SpatialTransformer in the backward pass instead of keeping activations.
+    """Recompute each UNet ResBlock in the backward pass instead of keeping its activations.
 
-    The host's UNet calls its blocks directly (no checkpoint hook of its own that
-    works in both cores), so each block's ``forward`` is wrapped with
-    ``torch.utils.checkpoint`` (non-reentrant: gradients reach the S-E-A
-    parameters captured by the patch, which are not inputs of the block).
+    The host's UNet has no checkpointing of its own that works in both cores, so
+    each ResBlock's ``forward`` is wrapped with ``torch.utils.checkpoint``
+    (non-reentrant). Only ResBlocks (most of the convolution activations): the
+    transformer blocks add residuals in place after a norm saved its input
+    (see :func:`_copy_if_trainable`), which a recomputation cannot protect.
     """
-    from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
     from torch.utils.checkpoint import checkpoint
 
+    def wrap(original):
+        def forward(*args, **kwargs):
+            return checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return forward
+
     for module in unet.modules():
-        if isinstance(module, (ResBlock, SpatialTransformer)) and "forward" not in module.__dict__:
-            original = module.forward
-            module.forward = lambda *a, _f=original, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        if isinstance(module, ResBlock) and "forward" not in module.__dict__:
+            module.forward = wrap(module.forward)
 
 
 def disable_gradient_checkpointing(unet):
@@ -481,7 +485,11 @@ class Trainer:
         max_steps = c.max_steps if max_steps is None else max_steps
         out = RunFiles(c.out, world.main)
         if c.resume:
-            self.load_checkpoint(resolve_resume(c.resume, c.out))
+            path = resolve_resume(c.resume, c.out)
+            if path is not None:
+                self.load_checkpoint(path)
+            elif world.main:
+                print(f"--resume latest: no checkpoint in '{c.out}/checkpoints' yet, starting at step 0")
             out.truncate_log(self.step)
         progress = _progress(self.step, max_steps, world.main and c.progress)
         batches = self.batches()
@@ -649,9 +657,7 @@ def resolve_resume(resume, out):
             raise DreamTunerInputError(f"--resume '{resume}' is not a file (give a checkpoint or 'latest').")
         return resume
     found = RunFiles.checkpoints(out)
-    if not found:
-        raise DreamTunerInputError(f"--resume latest: '{out}/checkpoints' holds no complete checkpoint yet.")
-    return found[-1]
+    return found[-1] if found else None  # none yet: start fresh (one job script for the first run and requeues)
 
 
 class RunFiles:

@@ -51,7 +51,7 @@ def parser():
     a("--control-strength", type=float, default=1.0, help="depth ControlNet strength")
     a("--no-augment", action="store_true", help="no augmentation of the reference")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPUs that have it")
-    a("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in the backward pass (less memory)")
+    a("--gradient-checkpointing", action="store_true", help="recompute the UNet's ResBlocks in the backward pass (less memory)")
     a("--workers", type=int, default=2, help="data loader processes per training process")
     a("--encoder-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of encoder files")
     a("--resume", default=None, help="a checkpoint file, or 'latest' (the newest in OUT/checkpoints)")

@@ -235,3 +235,30 @@ def test_checkpoint_text_encoder(smoke_files, tmp_path):
     assert got.shape == (1, 77, 768)
     torch.testing.assert_close(got, expected.float())
     assert all(not p.requires_grad for p in frozen.clip.cond_stage_model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(smoke_files, tmp_path):
+    """Recomputing the UNet's ResBlocks in the backward pass changes memory, not the gradients (same ops, same order)."""
+    from comfyui_dreamtuner.dreamtuner_core.pretrain import (disable_gradient_checkpointing,
+                                                             enable_gradient_checkpointing)
+
+    t = trainer(smoke_files, tmp_path, augment=False)
+    with torch.no_grad():
+        for attention in t.encoder.attention.values():
+            attention.to_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+    batch = torch.utils.data.default_collate([t.dataset[i] for i in range(2)])
+
+    def gradients():
+        t.encoder.zero_grad(set_to_none=True)
+        t.micro_loss(0, batch).backward()
+        return {k: p.grad.clone() for k, p in t.encoder.named_parameters()}
+
+    plain = gradients()
+    enable_gradient_checkpointing(t.frozen.base.diffusion_model)
+    try:
+        checkpointed = gradients()
+    finally:
+        disable_gradient_checkpointing(t.frozen.base.diffusion_model)
+    for name, grad in plain.items():
+        assert grad.abs().max() > 0, name
+        assert torch.equal(checkpointed[name], grad), name
