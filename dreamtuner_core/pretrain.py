@@ -348,7 +348,8 @@ def autocast_dtype(precision: str, device):
 class Trainer:
     """One rank's share of a run: models, encoder, optimizer, data order, checkpoints."""
 
-    def __init__(self, config: TrainConfig, world: World | None = None, text_conditioning=None):
+    def __init__(self, config: TrainConfig, world: World | None = None, text_conditioning=None, frozen=None):
+        """``frozen``: already loaded :class:`FrozenModels` of the same files (they never change), else loaded here."""
         self.config, self.world = config, world or World()
         c = config
         if c.global_batch % (c.batch_per_device * self.world.size):
@@ -356,7 +357,7 @@ class Trainer:
                 f"--global-batch {c.global_batch} is not a multiple of --batch-per-device {c.batch_per_device} x "
                 f"{self.world.size} processes; choose sizes whose product divides it.")
         self.accumulation = c.global_batch // (c.batch_per_device * self.world.size)
-        self.frozen = FrozenModels(c, self.world.device, text_conditioning)
+        self.frozen = frozen or FrozenModels(c, self.world.device, text_conditioning)
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.frozen.base.diffusion_model)
         self.encoder = self._encoder().to(self.world.device, torch.float32).requires_grad_(True).train()

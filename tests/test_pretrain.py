@@ -11,7 +11,7 @@ the host has it.
 - 2 gloo processes vs 1 process on the same global batch: the averaged
   gradients agree (to fp32 summation-order rounding), every frozen weight is
   bitwise unchanged, every trainable tensor changed;
-- stop after 1 step + resume to 3 == 3 uninterrupted steps, bit for bit;
+- stop after 1 step + resume to 2 == 2 uninterrupted steps, bit for bit (weights, AdamW state, log);
 - the loss on the training images falls;
 - the training forward equals the inference patch's (ApplySubjectEncoder)
   forward for the same reference;
@@ -59,8 +59,15 @@ def config(files, out, **overrides):
     return values
 
 
+_FROZEN = {}
+
+
 def trainer(files, out, **overrides):
-    return Trainer(TrainConfig(**config(files, out, **overrides)), World(), pretrain_worker.caption_conditioning)
+    """A one-process trainer; the frozen models are loaded once per session (the files never change)."""
+    settings = TrainConfig(**config(files, out, **overrides))
+    t = Trainer(settings, World(), pretrain_worker.caption_conditioning, frozen=_FROZEN.get("models"))
+    _FROZEN["models"] = t.frozen
+    return t
 
 
 def free_port():
@@ -107,11 +114,11 @@ def test_two_gloo_processes_give_the_single_process_gradients(smoke_files, tmp_p
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(smoke_files, tmp_path):
     import safetensors
 
-    full = trainer(smoke_files, tmp_path / "full", batch_per_device=2).run()
-    trainer(smoke_files, tmp_path / "cut", max_steps=1).run()
-    resumed = trainer(smoke_files, tmp_path / "cut", resume="latest").run()
+    full = trainer(smoke_files, tmp_path / "full", global_batch=2, max_steps=2).run()
+    trainer(smoke_files, tmp_path / "cut", global_batch=2, max_steps=1).run()
+    resumed = trainer(smoke_files, tmp_path / "cut", global_batch=2, max_steps=2, resume="latest").run()
 
-    assert resumed.step == full.step == 3
+    assert resumed.step == full.step == 2
     for key, value in full.encoder.state_dict().items():
         assert torch.equal(value, resumed.encoder.state_dict()[key]), key
     full_state, resumed_state = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
@@ -125,8 +132,8 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(smoke_files, tmp_path):
     assert os.path.exists(tmp_path / "full" / "loss.png")
 
     # every checkpoint is a complete file: the one of step 2 resumes too, and no temporary file is left
-    with safetensors.safe_open(str(tmp_path / "full" / "checkpoints" / "checkpoint_00000002.safetensors"), "pt") as f:
-        assert '"step": 2' in f.metadata()["state"]
+    with safetensors.safe_open(str(tmp_path / "full" / "checkpoints" / "checkpoint_00000001.safetensors"), "pt") as f:
+        assert '"step": 1' in f.metadata()["state"]
     assert not list((tmp_path / "full").rglob("*.partial"))
 
 
@@ -139,7 +146,7 @@ def fixed_batch_loss(t):
 
 
 def test_the_loss_on_the_training_images_falls(smoke_files, tmp_path):
-    t = trainer(smoke_files, tmp_path, augment=False, lr=3e-3, global_batch=8, batch_per_device=8, max_steps=4,
+    t = trainer(smoke_files, tmp_path, augment=False, lr=3e-3, global_batch=8, batch_per_device=8, max_steps=3,
                 checkpoint_every=100)
     before = fixed_batch_loss(t)
     t.run()
@@ -262,3 +269,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(smoke_files, tmp_path):
     for name, grad in plain.items():
         assert grad.abs().max() > 0, name
         assert torch.equal(checkpointed[name], grad), name
+
+
+def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
+    """A run killed while writing leaves ``NAME.partial`` (the rename never happened): resume takes the last complete file."""
+    from comfyui_dreamtuner.dreamtuner_core.pretrain import resolve_resume
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("checkpoint_00000002.safetensors", "checkpoint_00000004.safetensors",
+                 "checkpoint_00000006.safetensors.partial"):
+        (folder / name).write_bytes(b"x")
+    assert resolve_resume("latest", str(tmp_path)) == str(folder / "checkpoint_00000004.safetensors")
+    assert resolve_resume("latest", str(tmp_path / "fresh")) is None  # nothing yet: start at step 0
+    files = RunFiles(str(tmp_path), True)
+    files.prune(1)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_00000004.safetensors",
+                                                        "checkpoint_00000006.safetensors.partial"]
