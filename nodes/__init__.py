@@ -3,6 +3,7 @@
 from .interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
 from .self_subject_attention import SelfSubjectAttentionPatch
 from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
+from .finetune import DreamTunerFinetune
 
 register_model_folder()
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamTunerInterleavedCFGGuider": InterleavedCFGGuider,
     "DreamTunerSubjectEncoderLoader": SubjectEncoderLoader,
     "DreamTunerApplySubjectEncoder": ApplySubjectEncoder,
+    "DreamTunerFinetune": DreamTunerFinetune,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamTunerInterleavedCFGGuider": "InterleavedCFGGuider (DreamTuner)",
     "DreamTunerSubjectEncoderLoader": "SubjectEncoderLoader (DreamTuner)",
     "DreamTunerApplySubjectEncoder": "ApplySubjectEncoder (DreamTuner)",
+    "DreamTunerFinetune": "Finetune subject (DreamTuner)",
 }
