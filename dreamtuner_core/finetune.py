@@ -840,7 +840,7 @@ class _TrainableEncoderPatch:
         name = layer_name(layer) if layer is not None else None
         if name not in self.encoder.attention:
             return x
-        features = self.patch.features.to(device=x.device, dtype=torch.float32)
+        features = self.patch.features.to(device=x.device, dtype=torch.float32).clone()  # may be an inference tensor
         tokens = self.encoder.encode(features).mean(dim=0, keepdim=True)
         attention = self.encoder.attention[name]
         k, v = attention.to_k(tokens), attention.to_v(tokens)
@@ -862,9 +862,36 @@ def _trainable_encoder(encoder_patch):
     return encoder
 
 
+def _normal_tensors(*roots):
+    """Weights loaded under ``torch.inference_mode`` (current ComfyUI loads checkpoints so) cannot be saved
+    for backward. Each such parameter or buffer is replaced by a bitwise-equal ordinary copy, one tensor at a
+    time (no second copy of the model); values, dtypes, devices and requires_grad stay as they were.
+    """
+    with torch.inference_mode(False):
+        for root in roots:
+            for module in root.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, tensor in list(store.items()):
+                        if tensor is None or not tensor.is_inference():
+                            continue
+                        copy = tensor.clone()
+                        if isinstance(tensor, torch.nn.Parameter):
+                            copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                        store[name] = copy
+
+
 def train(model, clip, settings: FinetuneSettings, reference, regular, encoder_patch=None, progress=None,
           interrupt=None) -> TrainedState:
-    """The training loop on latents from :func:`prepare_latents`; the input MODEL/CLIP are left unchanged."""
+    """The training loop on latents from :func:`prepare_latents`; the input MODEL/CLIP are left unchanged.
+
+    Runs outside inference mode (current ComfyUI runs nodes inside it): every tensor it creates is an
+    ordinary one autograd can use.
+    """
+    with _grad_mode():
+        return _train(model, clip, settings, reference, regular, encoder_patch, progress, interrupt)
+
+
+def _train(model, clip, settings, reference, regular, encoder_patch, progress, interrupt):
     import comfy.model_management as mm
 
     generator = torch.Generator().manual_seed(int(settings.seed))
@@ -882,10 +909,13 @@ def train(model, clip, settings: FinetuneSettings, reference, regular, encoder_p
         work = _replace_patch(work, encoder_patch, _TrainableEncoderPatch(encoder_patch, encoder))
     state = TrainedState(adapters, text_adapters, slots, encoder, [], [], subject_tokens)
 
-    frozen = list(work.model.parameters()) + list(clip.cond_stage_model.parameters())
-    flags = [p.requires_grad for p in frozen]
     mm.load_models_gpu([work, clip.patcher], force_full_load=True,
                        memory_required=_memory_estimate(work, reference[0].shape, settings.gradient_checkpointing))
+    _normal_tensors(work.model, clip.cond_stage_model)
+    frozen = list(work.model.parameters()) + list(clip.cond_stage_model.parameters())
+    flags = [p.requires_grad for p in frozen]
+    reference = tuple(t.clone() for t in reference)
+    regular = tuple(t.clone() for t in regular)
     device = work.load_device
     model_sampling = work.get_model_object("model_sampling")
     try:

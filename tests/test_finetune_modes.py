@@ -120,3 +120,18 @@ def test_a_model_with_the_subject_encoder_tunes_its_resblocks_into_a_new_file(pa
         expected = tuned.encode(old_patch.features).mean(dim=0, keepdim=True)
     assert torch.equal(new_patch.tokens, expected)
     assert not torch.equal(new_patch.tokens, old_patch.tokens)
+
+
+def test_runs_inside_inference_mode_on_models_loaded_in_it(tmp_path):
+    """Current ComfyUI loads checkpoints and runs nodes under torch.inference_mode: training steps out of it."""
+    folders = folders_in(tmp_path)
+    with torch.inference_mode():
+        model, clip, vae = tm.build("sd15"), tm.clip_text(embedding_directory=folders.embeddings), tm.vae()
+        image, mask = subject_image()
+        regular = tm.image(5, 32, 32, batch=2)
+        assert next(model.model.parameters()).is_inference()
+        weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+        result = ft.finetune(model, clip, vae, image, regular, ft.FinetuneSettings(**BASE), folders, mask=mask)
+    assert len(result.losses) == BASE["steps"] and all(math.isfinite(v) for v in result.losses)
+    assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
+    assert os.path.exists(os.path.join(folders.loras, "rex.safetensors"))

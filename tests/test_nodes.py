@@ -7,7 +7,7 @@ import tiny_models as tm
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
 
 HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN", "IMAGE",
-              "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER"}
+              "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER", "CLIP", "VAE"}
 
 
 def test_the_pack_exports_its_nodes_with_display_names():
