@@ -371,11 +371,13 @@ One graph, three stages, left to right:
    interleaved CFG sampler.
 
 **Change**: the subject PNG; `class_word` and the class word in both prompts (e.g. "dog"); `subject_name`
-(a new name per subject; `overwrite` replaces files another run made); the scene prompt.
+(a new name per subject); the scene prompt. `overwrite` is on here, so a changed input retrains under
+the same name; turn it off to protect a finished subject's files.
 
-**Time and memory** (SD1.5, 512 px, LoRA rank 16, 800 steps): about 3-5 minutes on one H100-class GPU, under
-10 GB with `gradient_checkpointing`; on a CPU use `steps` ≈ 50 and a 256 px subject only to try the graph.
-The 32 regular images take about as long as 32 normal images.
+**Time**: the paper's run (SD1.5, 512 px, 800 steps) is GPU work (the target: about 5 minutes on one
+H100-class GPU; the README's benchmark gives measured step times). On a CPU, try the graph with `steps` 20,
+a 256 px subject and 4 regular images. The 32 regular images take as long as 32 ordinary images.
+`gradient_checkpointing` trades about a third more time for much less memory.
 
 Model: `{ckpt}` in models/checkpoints.
 """
@@ -400,7 +402,8 @@ def workflow_6(object_info):
     # 2. fine-tuning
     tuned = g.add("DreamTunerFinetune", 4, model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), vae=(ckpt, "VAE"),
                   reference=(subject, "IMAGE"), regular_images=(regular_images, "IMAGE"), mask=(subject, "MASK"),
-                  mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, box_height=560)
+                  mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, overwrite=True,
+                  box_height=560)
     g.add("PreviewImage", 4, title="Loss curve", box_height=300, images=(tuned, "loss_curve"))
     # 3. generation with [S*], self-subject-attention and interleaved guidance
     pos = g.add("CLIPTextEncode", 5, title="Positive prompt", color=GREEN, box_height=160, clip=(tuned, "clip"),
