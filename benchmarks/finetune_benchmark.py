@@ -86,7 +86,7 @@ def _setup(args):
     from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = tm.build("sd15", unet_config=SD15_UNET)
+    model = tm.build("sd15", unet_config=SD15_UNET) if args.model == "sd15" else tm.build("sd15_narrow")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         model.load_device = device
@@ -150,6 +150,8 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="training resolution in pixels")
     parser.add_argument("--steps", type=int, default=4, help="steps per trainer (the first is not timed)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", choices=["sd15", "sd15-narrow"], default="sd15",
+                        help="the full SD1.5 UNet, or a two-level one of SD1.5's widths (for small machines)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", choices=["core", "pack"], help=argparse.SUPPRESS)
@@ -165,7 +167,7 @@ def main():
     results = {}
     for which in ("core", "pack"):
         command = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--steps", str(args.steps),
-                   "--rank", str(args.rank), "--threads", str(args.threads)] + (
+                   "--rank", str(args.rank), "--threads", str(args.threads), "--model", args.model] + (
                    ["--checkpointing"] if args.checkpointing else [])
         out = subprocess.run(command, capture_output=True, text=True, cwd=os.environ["COMFYUI_PATH"])
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -175,7 +177,7 @@ def main():
         results[which] = json.loads(lines[-1][len("RESULT "):])
     core, pack = results["core"], results["pack"]
     mib = 2 ** 20
-    print(f"SD1.5 UNet, {args.size}x{args.size} px, batch 2, LoRA rank {args.rank}, {args.steps} steps"
+    print(f"{args.model} UNet, {args.size}x{args.size} px, batch 2, LoRA rank {args.rank}, {args.steps} steps"
           f"{', gradient checkpointing' if args.checkpointing else ''}")
     for name, r in (("core TrainLoraNode", core), ("DreamTunerFinetune", pack)):
         print(f"  {name:20s} step {r['step_s']:.3f} s   peak {r['peak'] / mib:.0f} MiB   rise {r['rise'] / mib:.0f} MiB")

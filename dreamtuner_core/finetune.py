@@ -433,6 +433,40 @@ def _model_fingerprint(h, state_dict):
         h.update(flat[::step][:64].float().cpu().contiguous().numpy().tobytes())
 
 
+def _patches_fingerprint(h, patches):
+    """Keys, strengths and sampled tensors of a ModelPatcher's weight patches (a LoRA stack under the model)."""
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().reshape(-1)
+            h.update(f"{tuple(value.shape)}".encode())
+            h.update(flat[::max(1, flat.numel() // 16)][:16].float().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif hasattr(value, "weights"):  # current ComfyUI's weight adapters
+            walk(value.weights)
+        else:
+            h.update(repr(value).encode() if isinstance(value, (int, float, str, type(None))) else
+                     type(value).__name__.encode())
+
+    for key in sorted(patches, key=str):
+        h.update(str(key).encode())
+        walk(patches[key])
+
+
+def _options_fingerprint(h, model):
+    """The kinds of model patches (e.g. a subject encoder, another pack's attention patch) on the model."""
+    options = getattr(model, "model_options", {}) or {}
+    patches = options.get("transformer_options", {}).get("patches", {})
+    h.update(json.dumps({k: [type(p).__name__ for p in v] for k, v in sorted(patches.items())}).encode())
+    for patch in patches.get("middle_patch", []):
+        tokens = getattr(patch, "tokens", None)
+        if isinstance(tokens, torch.Tensor):
+            _tensor_digest(h, tokens)
+            h.update(repr(getattr(patch, "beta", None)).encode())
+
+
 def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
@@ -442,9 +476,11 @@ def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
     if mask is not None:
         _tensor_digest(h, mask)
     _model_fingerprint(h, model.model.state_dict())
-    h.update(json.dumps(sorted(str(k) for k in getattr(model, "patches", {}))).encode())
+    _patches_fingerprint(h, getattr(model, "patches", {}))
+    _options_fingerprint(h, model)
     _model_fingerprint(h, clip.cond_stage_model.state_dict())
-    h.update(json.dumps(sorted(str(k) for k in getattr(clip.patcher, "patches", {}))).encode())
+    _patches_fingerprint(h, getattr(clip.patcher, "patches", {}))
+    h.update(repr(getattr(clip, "layer_idx", None)).encode())
     return h.hexdigest()
 
 

@@ -134,3 +134,19 @@ def test_sdxl_training_inputs_include_its_adm_vector():
     assert y.shape == (2, model.model.adm_channels)
     assert torch.equal(y[:, :1280], pooled)
     assert ft._adm(tm.build("sd15"), torch.randn(2, 32), 64, 64) is None
+
+
+def test_the_run_hash_sees_a_lora_under_the_model_and_its_strength(parts, tmp_path):
+    """Re-queue reuse must not mistake another LoRA stack (or strength) under the model for the same run."""
+    import comfy.sd
+    import comfy.utils
+
+    model, clip = parts["model"], parts["clip"]
+    settings = ft.FinetuneSettings(class_word="dog", name="my_dog")
+    image, regular = tm.image(1, 32, 32), tm.image(2, 32, 32, batch=2)
+    lora = comfy.utils.load_torch_file(str(tm.write_lora(tmp_path / "l.safetensors", model)), safe_load=True)
+    digests = {ft.run_hash(settings, image, None, "subject is 1", regular, m, clip)
+               for m in (model, comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0],
+                         comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0)[0])}
+    assert len(digests) == 3
+    assert ft.run_hash(settings, image, None, "subject is 1", regular, model, clip) in digests  # stable
