@@ -150,3 +150,29 @@ def test_the_run_hash_sees_a_lora_under_the_model_and_its_strength(parts, tmp_pa
                          comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0)[0])}
     assert len(digests) == 3
     assert ft.run_hash(settings, image, None, "subject is 1", regular, model, clip) in digests  # stable
+
+
+def test_the_loss_curve_is_an_image_that_follows_the_losses():
+    falling = ft.loss_curve_image([1.0 - i / 50 for i in range(50)], [1.2 - i / 40 for i in range(50)])
+    rising = ft.loss_curve_image([i / 50 for i in range(50)])
+    assert falling.shape == (1, 256, 512, 3) and falling.dtype == torch.float32
+    assert 0.0 <= float(falling.min()) and float(falling.max()) <= 1.0
+    assert not torch.equal(falling, rising)
+    # The blue line (the batch loss) starts high on the left for a falling curve and low for a rising one.
+    blue = (falling[0, ..., 2] > 0.6) & (falling[0, ..., 0] < 0.3)
+    rows = blue[:, 50:60].nonzero()[:, 0]
+    assert rows.numel() and float(rows.float().mean()) < 128
+    blue = (rising[0, ..., 2] > 0.6) & (rising[0, ..., 0] < 0.3)
+    assert float(blue[:, 50:60].nonzero()[:, 0].float().mean()) > 128
+
+
+def test_the_node_outside_comfyui_says_so():
+    """The node resolves models/ folders with ComfyUI's folder_paths; without it, a clear error."""
+    import sys
+
+    from comfyui_dreamtuner.nodes.finetune import output_folders
+
+    if "folder_paths" in sys.modules:
+        pytest.skip("folder_paths is importable here")
+    with pytest.raises(DreamTunerInputError, match="runs inside ComfyUI"):
+        output_folders()
