@@ -1,8 +1,8 @@
 """Tier 2: DreamTunerFinetune in a real ComfyUI v0.15.1 server (nodes run under torch.inference_mode there).
 
-A random-weight full-size SD1.5 checkpoint, 64x64 pictures, two steps: the node writes its LoRA and
+A random-weight full-size SD1.5 checkpoint, a 96x64 subject, two steps: the node writes its LoRA and
 embedding into the server's models/ folders; a second prompt loads them with the core LoraLoader and
-writes embedding:<name> in the core CLIPTextEncode.
+writes embedding:<name> in the core CLIPTextEncode, and samples.
 """
 
 from __future__ import annotations
@@ -29,14 +29,6 @@ def finetune_graph(steps=2, seed=0):
             "train_text_encoder": False, "text_encoder_lr": 1e-6, "gradient_checkpointing": True,
             "overwrite": False, "mask": ["subject", 1], "mask_mode": "background is 1 (LoadImage alpha)"}},
         "curve": {"class_type": "PreviewImage", "inputs": {"images": ["tune", 2]}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["tune", 1], "text": f"a ball embedding:{NAME}"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["tune", 1], "text": "blurry"}},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["tune", 0], "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0], "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "finetune"}},
     }
 
 
@@ -61,7 +53,7 @@ def loader_graph():
 def test_finetune_in_the_server_then_the_core_loaders_use_its_files(comfyui, tmp_path):
     models = comfyui.base / "models"
     entry = run(comfyui, finetune_graph(), timeout=1500)
-    assert entry["outputs"]["curve"]["images"] and entry["outputs"]["save"]["images"]
+    assert entry["outputs"]["curve"]["images"]
     lora = models / "loras" / f"{NAME}.safetensors"
     embedding = models / "embeddings" / f"{NAME}.safetensors"
     with safetensors.safe_open(str(lora), "pt") as handle:
@@ -79,6 +71,7 @@ def test_finetune_in_the_server_then_the_core_loaders_use_its_files(comfyui, tmp
     names = info[0] if isinstance(info[0], list) else info[1]["options"]
     assert f"{NAME}.safetensors" in names
     before = len(log)
+    tier2.free_memory(comfyui)  # one SD1.5 in fp32 at a time on this CPU machine
     entry = run(comfyui, loader_graph())
     with tier2.saved_image(comfyui, entry, "save", tmp_path) as image:
         assert image.size == (64, 64)
