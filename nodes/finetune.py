@@ -1,5 +1,6 @@
 """DreamTunerFinetune: node glue over dreamtuner_core.finetune (paper 3.3, subject-driven fine-tuning)."""
 
+import logging
 import os
 
 from ..dreamtuner_core.errors import DreamTunerInputError
@@ -27,7 +28,7 @@ def output_folders():
 
 
 class _Progress:
-    """The host's progress bar with the step; the loss in the console every 10 steps and at the end."""
+    """The host's progress bar with the step; the loss in the console (ComfyUI's log) every 10 steps and at the end."""
 
     def __init__(self):
         self._bar = None
@@ -39,7 +40,7 @@ class _Progress:
             self._bar = comfy.utils.ProgressBar(total)
         self._bar.update_absolute(step, total)
         if step % 10 == 0 or step == total:
-            print(f"[DreamTunerFinetune] step {step}/{total} loss {loss:.4f}")
+            logging.info(f"[DreamTunerFinetune] step {step}/{total} loss {loss:.4f}")
 
 
 class DreamTunerFinetune:
@@ -135,5 +136,5 @@ class DreamTunerFinetune:
                           mask_mode=mask_mode, overwrite=bool(overwrite), progress=_Progress(),
                           interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         if result.reused:
-            print(f"[DreamTunerFinetune] '{settings.name}': files of this run found, loaded without training.")
+            logging.info(f"[DreamTunerFinetune] '{settings.name}': files of this run found, loaded without training.")
         return (result.model, result.clip, loss_curve_image(result.losses, result.reference_losses))
