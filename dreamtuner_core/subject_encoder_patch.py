@@ -141,6 +141,7 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
     with torch.no_grad():
         tokens = encoder.encode(features.float().cpu()).mean(dim=0, keepdim=True)
     patch = SubjectEncoderPatch(encoder, tokens, beta, sigma_start, sigma_end)
+    patch.features = features.float().cpu()  # DreamTunerFinetune re-encodes them with trained ResBlocks
     clone = model.clone()
     clone.set_model_patch(patch, "middle_patch")
     return clone, prepared

@@ -4,6 +4,7 @@ from .interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
 from .self_subject_attention import SelfSubjectAttentionPatch
 from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
 from .fidelity import ScoringModelsLoader, SubjectScore
+from .finetune import DreamTunerFinetune
 
 register_model_folder()
 
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamTunerApplySubjectEncoder": ApplySubjectEncoder,
     "DreamTunerScoringModelsLoader": ScoringModelsLoader,
     "DreamTunerSubjectScore": SubjectScore,
+    "DreamTunerFinetune": DreamTunerFinetune,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamTunerApplySubjectEncoder": "ApplySubjectEncoder (DreamTuner)",
     "DreamTunerScoringModelsLoader": "Scoring Models Loader (DreamTuner)",
     "DreamTunerSubjectScore": "Subject Score (DreamTuner)",
+    "DreamTunerFinetune": "Finetune subject (DreamTuner)",
 }
