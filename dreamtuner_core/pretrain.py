@@ -41,6 +41,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -252,13 +254,18 @@ class TrainingPatch(SubjectEncoderPatch):
     """
 
     def __init__(self, encoder, tokens, beta):
-        super().__init__(encoder, tokens, beta, float("inf"), 0.0)
+        # Not the inference set-up, which applies the key/value projections once, detached: here they are
+        # applied in the graph at every call, so the S-E-A layers are the encoder's own trainable modules.
+        self.encoder, self.tokens, self.beta = encoder, tokens, float(beta)
+        self.sigma_start, self.sigma_end = float("inf"), 0.0
+        self.layers = encoder.attention
 
     def layer(self, name, like):
         attention = self.encoder.attention[name]
         tokens = self.tokens if self.tokens.dtype == like.dtype or torch.is_autocast_enabled() else \
             self.tokens.to(like.dtype)
-        return attention, attention.to_k(tokens), attention.to_v(tokens)
+        return SimpleNamespace(heads=attention.heads, norm=attention.norm, to_q=attention.to_q,
+                               to_out=attention.to_out, k=attention.to_k(tokens), v=attention.to_v(tokens))
 
 
 class EncoderObjective(torch.nn.Module):
