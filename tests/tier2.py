@@ -7,6 +7,12 @@ One server runs for the whole test session on 127.0.0.1, with a throw-away
 repository), random-weight model files made by that installation's own classes
 under the names the tests and the workflow files use, and the sample images.
 The model files are cached between runs in ``~/.cache/comfyui-dreamtuner``.
+
+Other packs in the same graph: with ``DREAMTUNER_PACKS`` set to a folder holding
+unpacked copies of the packs in ``PACKS`` (under their repository names), those
+found there are copied into the server's ``custom_nodes/`` (a copy, so the
+server writes nothing into the originals) and get their random-weight model
+files; tests that need a missing one skip with ``needs_pack``.
 """
 
 from __future__ import annotations
@@ -32,28 +38,68 @@ CACHE = pathlib.Path(os.environ.get("DREAMTUNER_TIER2_CACHE", pathlib.Path.home(
 ENCODER = "dreamtuner_sd15_untrained.safetensors"
 
 # models/<folder>/<name> -> the random-weight file behind it (kind for tests/tier2_assets.py, cache name).
+# "-v2": made with normalisation layers at identity (tier2_assets.init_); the first files had zero GroupNorm
+# scales, so their UNet output was exactly zero. The SDXL file is still the first kind (7 GB to remake).
 MODEL_FILES = {
-    "checkpoints/sd15-random.safetensors": ("sd15-checkpoint", "sd15-random.safetensors"),
-    "checkpoints/v1-5-pruned-emaonly-fp16.safetensors": ("sd15-checkpoint", "sd15-random.safetensors"),
+    "checkpoints/sd15-random.safetensors": ("sd15-checkpoint", "sd15-random-v2.safetensors"),
+    "checkpoints/v1-5-pruned-emaonly-fp16.safetensors": ("sd15-checkpoint", "sd15-random-v2.safetensors"),
     "checkpoints/sd_xl_base_1.0.safetensors": ("sdxl-checkpoint", "sdxl-random.safetensors"),
-    "clip_vision/vit-h-random.safetensors": ("vit-h-clip-vision", "vit-h-random.safetensors"),
-    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": ("vit-h-clip-vision", "vit-h-random.safetensors"),
-    "controlnet/control-random.safetensors": ("sd15-controlnet", "sd15-controlnet-random.safetensors"),
-    "controlnet/control_v11f1p_sd15_depth_fp16.safetensors": ("sd15-controlnet", "sd15-controlnet-random.safetensors"),
+    "clip_vision/vit-h-random.safetensors": ("vit-h-clip-vision", "vit-h-random-v2.safetensors"),
+    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": ("vit-h-clip-vision", "vit-h-random-v2.safetensors"),
+    "controlnet/control-random.safetensors": ("sd15-controlnet", "sd15-controlnet-random-v2.safetensors"),
+    "controlnet/control_v11f1p_sd15_depth_fp16.safetensors": ("sd15-controlnet",
+                                                              "sd15-controlnet-random-v2.safetensors"),
     "loras/lora-random.safetensors": ("sd15-lora", "sd15-lora-random.safetensors"),
 }
+
+
+PACKS_DIR = os.environ.get("DREAMTUNER_PACKS")
+# Short name -> the pack's repository (folder) name.
+PACKS = {
+    "advanced-controlnet": "ComfyUI-Advanced-ControlNet",  # Kosinkadink, Reference ControlNet: no model file
+    "ipadapter": "ComfyUI_IPAdapter_plus",  # cubiq
+    "animatediff": "ComfyUI-AnimateDiff-Evolved",  # Kosinkadink
+}
+# models/<folder>/<name> of each pack's random-weight file: (pack, kind for tests/tier2_assets.py, cache name).
+PACK_MODEL_FILES = {
+    "ipadapter/ip-adapter_sd15-random.safetensors": ("ipadapter", "sd15-ipadapter", "sd15-ipadapter-random.safetensors"),
+    "animatediff_models/mm_sd_v15_v2-random.safetensors": ("animatediff", "sd15-motion-module",
+                                                           "sd15-motion-module-v2-random.safetensors"),
+}
+
+
+def pack_dir(name):
+    """The unpacked pack ``name`` (a key of ``PACKS``) under ``DREAMTUNER_PACKS``, or None."""
+    if not PACKS_DIR:
+        return None
+    path = pathlib.Path(PACKS_DIR) / PACKS[name]
+    return path if (path / "__init__.py").is_file() else None
+
+
+def needs_pack(name):
+    """Skip a test unless ComfyUI and the pack are both there, saying which is missing and how to provide it."""
+    if not COMFYUI_PATH:
+        reason = "COMFYUI_PATH is not set: tier-2 tests need a ComfyUI v0.15.1 installation"
+    elif not PACKS_DIR:
+        reason = (f"DREAMTUNER_PACKS is not set: this test needs the pack {PACKS[name]} unpacked in a folder "
+                  "that DREAMTUNER_PACKS names (README, 'Testing against a real ComfyUI')")
+    elif pack_dir(name) is None:
+        reason = f"{PACKS[name]} is not in DREAMTUNER_PACKS={PACKS_DIR} (no {PACKS[name]}/__init__.py there)"
+    else:
+        reason = ""
+    return pytest.mark.skipif(bool(reason), reason=reason or "-")
 
 
 def python():
     return os.environ.get("COMFYUI_PYTHON", sys.executable)
 
 
-def asset(kind, name):
+def asset(kind, name, *extra):
     """A random-weight model file made by the ComfyUI under test (cached between runs)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / name
     if not path.exists():
-        subprocess.run([python(), str(ROOT / "tests" / "tier2_assets.py"), kind, str(path)],
+        subprocess.run([python(), str(ROOT / "tests" / "tier2_assets.py"), kind, str(path), *map(str, extra)],
                        cwd=COMFYUI_PATH, check=True, timeout=900)
     return path
 
@@ -72,6 +118,7 @@ def make_base(base):
     for target, (kind, name) in MODEL_FILES.items():
         (base / "models" / target).parent.mkdir(parents=True, exist_ok=True)
         (base / "models" / target).symlink_to(asset(kind, name))
+    add_packs(base)
     encoder = untrained_encoder(base / "models" / "dreamtuner" / ENCODER)
     # The encoder the workflows name (none is published: the untrained one stands in).
     (base / "models" / "dreamtuner" / "dreamtuner_subject_encoder_sd15.safetensors").symlink_to(encoder)
@@ -87,6 +134,20 @@ def make_base(base):
     subject = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
     ImageDraw.Draw(subject).ellipse((24, 8, 72, 56), fill=(200, 60, 40, 255))
     subject.save(base / "input" / "subject.png")
+
+
+def add_packs(base):
+    """Copy the other packs found under DREAMTUNER_PACKS into custom_nodes and give them their model files."""
+    for name, folder in PACKS.items():
+        source = pack_dir(name)
+        if source is not None:
+            shutil.copytree(source, base / "custom_nodes" / folder, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    for target, (name, kind, cache_name) in PACK_MODEL_FILES.items():
+        source = pack_dir(name)
+        if source is not None:
+            (base / "models" / target).parent.mkdir(parents=True, exist_ok=True)
+            (base / "models" / target).symlink_to(asset(kind, cache_name, *([source] if name == "animatediff" else [])))
 
 
 def server_args(base):
