@@ -36,6 +36,35 @@ def biased_attention_function():
     return attention_module.attention_pytorch
 
 
+def key_alignment(function) -> int:
+    """The multiple the key count of a biased call should have: SDPA's fused kernels want 8."""
+    return 8 if function is attention_module.attention_pytorch else 1
+
+
+def hook_group(base_model):
+    """The LoRA hook group whose weights the host has applied for the current model call (current
+    ComfyUI runs each conditioning's hooks in calls of their own); None without hooks or on older cores."""
+    patcher = getattr(base_model, "current_patcher", None)
+    return getattr(patcher, "current_hooks", None)
+
+
+def on_cleanup(patcher, key, callback):
+    """Run ``callback(patcher)`` when the host ends a sampling run (current ComfyUI: ``ON_CLEANUP``).
+
+    Returns False on cores without patcher callbacks (late 2024), where the caller frees its state otherwise.
+    """
+    try:
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:
+        return False
+    if not hasattr(patcher, "add_callback_with_key"):
+        return False
+    registered = getattr(patcher, "callbacks", {}).get(CallbacksMP.ON_CLEANUP, {}).get(key)
+    if not registered:
+        patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, key, callback)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _accepts_transformer_options(function) -> bool:
     try:

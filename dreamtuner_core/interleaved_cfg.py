@@ -108,8 +108,13 @@ class InterleavedCFGGuider(comfy.samplers.CFGGuider):
                disable_pbar=False, seed=None):
         self._generator = torch.Generator().manual_seed(int(seed or 0))
         self.choices = []
-        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
-                              callback=callback, disable_pbar=disable_pbar, seed=seed)
+        try:
+            return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
+                                  callback=callback, disable_pbar=disable_pbar, seed=seed)
+        finally:  # the run is over (or failed): free what self-subject-attention kept for it
+            state = self.model_patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
+            if state is not None:
+                state.cache.clear()
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")

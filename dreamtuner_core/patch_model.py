@@ -22,6 +22,8 @@ from .reference_pass import (
     ReferenceBatchWrapper,
     SelfSubjectAttentionReplace,
     SelfSubjectAttentionState,
+    check_replacements,
+    replacement_conflict,
 )
 
 
@@ -79,8 +81,8 @@ def add_self_subject_attention(model, references, layers):
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     previous = options.get(STATE_KEY)
-    state = previous.with_references(references) if previous is not None \
-        else SelfSubjectAttentionState(references)
+    state = previous.with_references(references, targets) if previous is not None \
+        else SelfSubjectAttentionState(references, targets)
     options[STATE_KEY] = state
 
     replace = SelfSubjectAttentionReplace()
@@ -88,19 +90,62 @@ def add_self_subject_attention(model, references, layers):
     for key in targets:
         current = existing.get(key) or existing.get(key[:2])
         if current is not None and not isinstance(current, SelfSubjectAttentionReplace):
-            raise DreamTunerInputError(
-                f"Self-Subject-Attention cannot be combined with the attention replacement "
-                f"{host.describe(current)} already on self-attention layer {'.'.join(map(str, key))}: "
-                "both replace the same attention. Put this node on a model without that patch, or "
-                "exclude that block in 'blocks'."
-            )
+            raise DreamTunerInputError(replacement_conflict(current, key))
         if current is None:
             clone.set_model_attn1_replace(replace, key[0], key[1], key[2])
 
     wrapper = clone.model_options.get("model_function_wrapper")
     if not isinstance(wrapper, ReferenceBatchWrapper):
         clone.set_model_unet_function_wrapper(ReferenceBatchWrapper(previous=wrapper))
+    if end_of_evaluation not in clone.model_options.get("sampler_post_cfg_function", []):
+        clone.set_model_sampler_post_cfg_function(end_of_evaluation)
+    host.on_cleanup(clone, STATE_KEY, end_of_run)
+    memory = clone.get_model_object("memory_required")
+    clone.add_object_patch("memory_required", ReferenceRowsMemory(memory, len(state.references)))
     return clone
+
+
+def end_of_evaluation(args):
+    """Post-CFG hook: the evaluation is complete, its reference features are no longer needed.
+
+    A node placed after Self-Subject-Attention that replaced its attention on some layers, or its
+    model wrapper without chaining it, would switch self-subject-attention off silently: it is
+    named here, after the first evaluation.
+    """
+    options = (args.get("model_options") or {}).get("transformer_options", {})
+    state = options.get(STATE_KEY)
+    if state is not None:
+        state.cache.end_evaluation()
+        check_replacements(state, options)
+        if state.cache.bypassed:
+            state.cache.bypassed = False
+            wrapper = args["model_options"].get("model_function_wrapper")
+            raise DreamTunerInputError(
+                f"Self-Subject-Attention did not run: the model wrapper {host.describe(wrapper)}, set by a node "
+                "after Self-Subject-Attention, replaced the pack's wrapper without calling it. Put "
+                "Self-Subject-Attention after that node (it chains the wrapper it finds), or remove that node.")
+    return args["denoised"]
+
+
+def end_of_run(patcher):
+    """The host's end-of-sampling callback (current ComfyUI): free everything the run kept."""
+    state = patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
+    if state is not None:
+        state.cache.clear()
+
+
+class ReferenceRowsMemory:
+    """The model's ``memory_required`` counting the reference rows a call may carry, so the host's
+    batching (and ``--lowvram``) plans for them; installed as an object patch on the clone."""
+
+    def __init__(self, previous, rows):
+        while isinstance(previous, ReferenceRowsMemory):
+            previous = previous.previous
+        self.previous, self.rows = previous, rows
+
+    def __call__(self, input_shape, *args, **kwargs):
+        shape = [int(input_shape[0]) + self.rows] + list(input_shape[1:])
+        return self.previous(shape, *args, **kwargs)
 
 
 def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, reference_mask=None,

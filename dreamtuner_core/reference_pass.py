@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from . import host
-from .self_subject_attention import reference_tokens, self_subject_attention
+from .errors import DreamTunerInputError
+from .self_subject_attention import kept_reference_tokens, select_tokens, self_subject_attention
 
 STATE_KEY = "dreamtuner_ssa"
 CALL_KEY = "dreamtuner_ssa_call"
@@ -63,23 +64,59 @@ class ReferenceFeatures:
         return list(self._parts)
 
 
-class StepCache:
-    """Reference features of the current step by reference sigma, and the run's positive text.
+class RunCache:
+    """What self-subject-attention keeps during a sampling run, and frees when it is no longer needed.
 
-    A new step (another sigma) drops the features; a new run (current ComfyUI
-    marks it with its ``sample_sigmas`` tensor; otherwise a sigma above the
-    last one) also forgets the positive text.
+    - ``levels``: reference features of the current evaluation, by LoRA hook group and reference
+      sigma. Cond and uncond evaluated in separate calls share them; they are dropped at the end of
+      every evaluation (the post-CFG hook), at a new step and at the end of the run.
+    - ``positive_context``: the run's positive text, which the reference pass reads.
+    - the kept-token index and log-mask bias of each reference on each layer grid, on the device in
+      the attention's dtype: made once per run instead of once per layer and step.
+    A new run is recognised by current ComfyUI's ``sample_sigmas`` tensor, or by a sigma above the
+    last one; the host's end-of-run callback (current ComfyUI) or the pack's own guider clears it all.
     """
 
     def __init__(self):
         self.sigma, self.run, self.levels, self.positive_context = None, None, {}, None
+        self._kept = {}
+        self.bypassed = False  # the attention replacement ran without this pack's model wrapper
 
-    def for_step(self, sigma: float, run=None):
+    def for_step(self, sigma: float, run=None, hooks=None):
+        """The features of this evaluation's step for the conditionings that run with ``hooks``."""
         if run is not self.run or (self.sigma is not None and sigma > self.sigma):
             self.positive_context = None
+            self._kept = {}
         if sigma != self.sigma or run is not self.run:
             self.sigma, self.run, self.levels = sigma, run, {}
-        return self.levels
+        return self.levels.setdefault(hooks, {})
+
+    def kept(self, reference, tokens: int, like: torch.Tensor):
+        """(index, bias) of ``reference``'s kept tokens on a grid of ``tokens``, on ``like``'s device and dtype."""
+        key = (id(reference), tokens, like.device, like.dtype)
+        kept = self._kept.get(key)
+        if kept is None:
+            index, bias = kept_reference_tokens(reference.token_mask(tokens), reference.omega_ref)
+            kept = (None if index is None else index.to(like.device), bias.to(device=like.device, dtype=like.dtype))
+            self._kept[key] = kept
+        return kept
+
+    def end_evaluation(self):
+        """Drop the evaluation's features (their memory is the size of a UNet forward's keys/values)."""
+        self.levels = {}
+
+    def clear(self):
+        self.__init__()
+
+    def tensors(self):
+        """Every tensor the cache holds (for memory checks)."""
+        held = [t for kept in self._kept.values() for t in kept if t is not None]
+        for by_sigma in self.levels.values():
+            for features in by_sigma.values():
+                held += [t for layer in features.layers() for t in features.get(layer)]
+        if self.positive_context is not None:
+            held.append(self.positive_context)
+        return held
 
 
 class SelfSubjectAttentionState:
@@ -90,15 +127,16 @@ class SelfSubjectAttentionState:
     another's features.
     """
 
-    def __init__(self, references=()):
+    def __init__(self, references=(), layers=()):
         self.references = tuple(references)
-        self.cache = StepCache()
+        self.layers = frozenset(layers)  # the self-attention layers this pack's replacement is set on
+        self.cache = RunCache()
 
     def __deepcopy__(self, memo):
-        return SelfSubjectAttentionState(self.references)
+        return SelfSubjectAttentionState(self.references, self.layers)
 
-    def with_references(self, references):
-        return SelfSubjectAttentionState(self.references + tuple(references))
+    def with_references(self, references, layers=()):
+        return SelfSubjectAttentionState(self.references + tuple(references), self.layers | frozenset(layers))
 
 
 @dataclass
@@ -109,13 +147,14 @@ class CallPlan:
         noise level they read (None: plain self-attention).
     reference_rows: (sigma, Reference) of each trailing reference row, whose
         features are recorded into ``levels[sigma]``.
+    cache: the run's cache (kept-token index and bias on the device).
     """
 
     n_generated: int
     groups: list
     reference_rows: list
     levels: dict
-    attention_kwargs: dict = field(default_factory=dict)
+    cache: Optional[RunCache] = None
 
 
 def layer_key(extra_options):
@@ -130,23 +169,44 @@ class SelfSubjectAttentionReplace:
     serves every patched layer and every clone of the model.
     """
 
+    dreamtuner_patch = True
+
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         attention = host.attention_function()
         kwargs = host.attention_kwargs(attention, extra_options)
         call = extra_options.get(CALL_KEY)
         if call is None:
+            state, sigmas = extra_options.get(STATE_KEY), extra_options.get("sigmas")
+            if state is not None and sigmas is not None and any(r.is_active(float(sigmas.max()))
+                                                                 for r in state.references):
+                state.cache.bypassed = True  # named by the post-CFG hook, which sees the model's options
             return attention(q, k, v, heads, **kwargs)
         biased = host.biased_attention_function()
-        biased_kwargs = host.attention_kwargs(biased, extra_options)
+        biased_kwargs = dict(host.attention_kwargs(biased, extra_options), pad_keys_to=host.key_alignment(biased))
         layer = layer_key(extra_options)
-        n = call.n_generated
+        n, groups = call.n_generated, call.groups
+        if q.shape[0] != k.shape[0] and k.numel() % (q.shape[0] * k.shape[-1]) == 0:
+            # HyperTile tiles only the queries; the host's attention then reads the keys/values as
+            # ``q.shape[0]`` consecutive chunks (its reshape by the query batch). Do the same here.
+            k, v = k.reshape(q.shape[0], -1, k.shape[-1]), v.reshape(q.shape[0], -1, v.shape[-1])
+        if k.shape[0] != n + len(call.reference_rows):
+            # A tiling patch (HyperTile) splits each generated item into consecutive tiles before this
+            # layer; every tile of an item reads that item's reference features.
+            tiles = k.shape[0] // n if n and not call.reference_rows else 0
+            if not tiles or tiles * n != k.shape[0]:
+                raise RuntimeError(
+                    f"Self-subject-attention expected {n + len(call.reference_rows)} rows in self-attention layer "
+                    f"{'.'.join(map(str, layer or ()))} and got {k.shape[0]}: another patch on this model changes "
+                    "the batch inside the UNet. Remove that patch or exclude these blocks in the 'blocks' input "
+                    "of Self-Subject-Attention.")
+            n, groups = k.shape[0], [(start * tiles, end * tiles, sigma) for start, end, sigma in groups]
         if call.reference_rows:
             self._record(k, v, call, layer)
         # Runs of rows with the same features; rows without any (self-subject-attention off for that
         # conditioning, and the reference rows themselves) share one plain attention call.
         runs = []
-        for start, end, sigma in call.groups + [(n, q.shape[0], None)]:
+        for start, end, sigma in groups + [(n, q.shape[0], None)]:
             features = call.levels[sigma].get(layer) if sigma is not None else None
             if end == start:
                 continue
@@ -165,18 +225,14 @@ class SelfSubjectAttentionReplace:
 
     @staticmethod
     def _record(k, v, call, layer):
-        """Keep each reference row's kept tokens and bias for this layer."""
-        if k.shape[0] != call.n_generated + len(call.reference_rows):
-            raise RuntimeError(
-                "Self-subject-attention lost track of its reference rows: another patch on this model "
-                "changes the batch inside the UNet (tiling such as HyperTile). Remove that patch or "
-                "exclude these blocks in the 'blocks' input of Self-Subject-Attention."
-            )
+        """Keep each reference row's kept tokens and bias for this layer (no host sync: the index and
+        bias were made once for the run, on this device and in this dtype)."""
+        cache = call.cache if call.cache is not None else RunCache()
         for offset, (sigma, reference) in enumerate(call.reference_rows):
             if reference.feeds(layer):
                 row = call.n_generated + offset
-                m_r = reference.token_mask(k.shape[1])
-                call.levels[sigma].add(layer, *reference_tokens(k[row], v[row], m_r, reference.omega_ref))
+                index, bias = cache.kept(reference, k.shape[1], k)
+                call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias)
 
 
 class ReferenceBatchWrapper:
@@ -228,7 +284,9 @@ def apply_with_references(apply_model, x, t, **c):
     # text; before any was seen it reads its own first conditioning, and the features it makes are
     # redone when the positive arrives in the same step.
     cache = state.cache
-    levels = cache.for_step(sigma, options.get("sample_sigmas"))
+    base = getattr(apply_model, "__self__", None)
+    check_model_injections(base)
+    levels = cache.for_step(sigma, options.get("sample_sigmas"), host.hook_group(base))
     crossattn = c.get("c_crossattn")
     has_positive = 0 in cond_or_uncond and crossattn is not None
     positive_row = cond_or_uncond.index(0) * per_chunk if 0 in cond_or_uncond else 0
@@ -237,32 +295,35 @@ def apply_with_references(apply_model, x, t, **c):
     text = cache.positive_context if cache.positive_context is not None else (
         crossattn[:1] if crossattn is not None else None)
     reads_text = any(r.context is None for r in active)
-    missing = []
+    # Features being made are published into ``levels`` only once their call has finished, so a call
+    # that fails half-way (out of memory, interrupt) leaves nothing half-filled for the next one.
+    pending = {}
     for level in sorted({lvl for lvl in chunk_levels if lvl is not None}):
         cached = levels.get(level)
         stale = cached is not None and has_positive and reads_text and not (
             cached.text is not None and torch.equal(cached.text, cache.positive_context))
         if cached is None or stale:
-            levels[level] = ReferenceFeatures(text if reads_text else None)
-            missing.append(level)
+            pending[level] = ReferenceFeatures(text if reads_text else None)
 
-    base = getattr(apply_model, "__self__", None)
     along, apart = [], []
-    for level in missing:
+    fast = rides_along_safely(c)
+    for level in pending:
         for reference in active:
             context = reference.context if reference.context is not None else text
-            fits = (tuple(reference.latent.shape[-2:]) == tuple(x.shape[-2:])
-                    and (context is None or crossattn is None or context.shape[1] == crossattn.shape[1]))
+            fits = fast and (tuple(reference.latent.shape[-2:]) == tuple(x.shape[-2:])
+                             and (context is None or crossattn is None or context.shape[1] == crossattn.shape[1]))
             (along if fits else apart).append((level, reference, context))
     if along and len(along) % per_chunk:
         apart, along = along + apart, []
 
     for rows in _group_by_shape(apart):
+        made = {lvl: pending[lvl] for lvl, _, _ in rows}
         ref_x, ref_t = reference_inputs(base, rows, x, t)
         ref_c = reference_conditioning(c, rows, positive_row, ref_x.shape[0], 0, ref_x.shape[-2:])
-        ref_c["transformer_options"] = dict(options, cond_or_uncond=[0])
-        ref_c["transformer_options"][CALL_KEY] = CallPlan(0, [], [(lvl, r) for lvl, r, _ in rows], levels)
+        ref_c["transformer_options"] = reference_pass_options(options)
+        ref_c["transformer_options"][CALL_KEY] = CallPlan(0, [], [(lvl, r) for lvl, r, _ in rows], made, cache)
         apply_model(ref_x, ref_t, **ref_c)
+        levels.update(made)
 
     n = x.shape[0]
     call_options = dict(options)
@@ -271,10 +332,95 @@ def apply_with_references(apply_model, x, t, **c):
         x, t = torch.cat([x, ref_x.to(x.dtype)]), torch.cat([t, ref_t.to(t.dtype)])
         c = reference_conditioning(c, along, positive_row, len(along), n, x.shape[-2:])
         call_options["cond_or_uncond"] = cond_or_uncond + [0] * (len(along) // per_chunk)
-    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], levels)
+    call_levels = {**levels, **{lvl: pending[lvl] for lvl, _, _ in along}}
+    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache)
     c = dict(c, transformer_options=call_options)
     out = apply_model(x, t, **c)
+    levels.update({lvl: pending[lvl] for lvl, _, _ in along})
     return out[:n]
+
+
+def is_own_patch(patch) -> bool:
+    """Patches of this pack (the attention replacement, the subject encoder), which the reference pass keeps."""
+    return getattr(patch, "dreamtuner_patch", False)
+
+
+def foreign_patches(options):
+    """Other packs' (and other core nodes') runtime patches in a call's ``transformer_options``.
+
+    Returns a list of (kind, patch): attention/block ``patches``, ``patches_replace`` entries and
+    current ComfyUI's ``wrappers`` around the model call. LoRA and checkpoint weights are not patches
+    here: they are the model's weights, which the reference pass shares.
+    """
+    found = []
+    for kind, patches in (options.get("patches") or {}).items():
+        found += [(kind, p) for p in patches if not is_own_patch(p)]
+    for kind, patches in (options.get("patches_replace") or {}).items():
+        found += [(kind, p) for p in patches.values() if not is_own_patch(p)]
+    for kind, wrappers in (options.get("wrappers") or {}).items():
+        found += [(kind, w) for by_key in wrappers.values() for w in by_key]
+    return found
+
+
+def rides_along_safely(c) -> bool:
+    """Whether reference rows may join this call's batch (the fast path).
+
+    Only when nothing but this pack and the host's own ControlNets (which get zero residuals for the
+    reference rows) acts on the call: another pack's patch or wrapper may prepare its inputs for the
+    batch it was given, run passes of its own (Advanced-ControlNet's Reference ControlNet) or give
+    the reference rows its own conditioning (IP-Adapter), so the reference gets a clean call of its
+    own instead (:func:`reference_pass_options`).
+    """
+    return not foreign_patches(c.get("transformer_options") or {})
+
+
+def reference_pass_options(options):
+    """``transformer_options`` for a reference-only call: this pack's patches, none of other packs'.
+
+    The reference pass is the UNet with the model's weights (checkpoint, LoRA, per-conditioning
+    hooks) and the reference's text: other packs' runtime patches, wrappers and ControlNets shape
+    the generated image, not the reference's features (README, "Composing with other packs").
+    """
+    clean = {k: v for k, v in options.items() if k not in ("patches", "patches_replace", "wrappers")}
+    clean["patches"] = {kind: [p for p in patches if is_own_patch(p)]
+                        for kind, patches in (options.get("patches") or {}).items()}
+    clean["patches_replace"] = {kind: {key: p for key, p in patches.items() if is_own_patch(p)}
+                                for kind, patches in (options.get("patches_replace") or {}).items()}
+    clean["cond_or_uncond"] = [0]
+    return clean
+
+
+def replacement_conflict(other, layer) -> str:
+    return (f"Self-Subject-Attention cannot be combined with the attention replacement {host.describe(other)} on "
+            f"self-attention layer {'.'.join(map(str, layer))}: both replace the same attention (Eq. 3 needs the "
+            "layer's own keys and values). Exclude that block in Self-Subject-Attention's 'blocks' input (for "
+            "example 'input, output' when the other patch is on the middle block), or remove the other patch.")
+
+
+def check_replacements(state, options):
+    """A node placed after Self-Subject-Attention may have replaced its attention on some layers.
+
+    Checked against the sampler's model options (the post-CFG hook): another node's replacement for
+    one pass of its own (Perturbed-Attention Guidance) only applies to that pass and is fine.
+    """
+    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    for layer in sorted(state.layers):
+        current = replaced.get(layer) or replaced.get(layer[:2])
+        if not is_own_patch(current):
+            raise DreamTunerInputError(replacement_conflict(current, layer))
+
+
+def check_model_injections(base):
+    """Refuse models whose UNet carries another pack's modules that see every batch row as a video frame."""
+    patcher = getattr(base, "current_patcher", None)
+    injections = getattr(patcher, "injections", None) or {}
+    if injections:
+        names = ", ".join(sorted(injections))
+        raise DreamTunerInputError(
+            f"Self-Subject-Attention cannot run its reference pass through this model: another pack has "
+            f"injected modules into the UNet ({names}; AnimateDiff's motion modules, for example, read every "
+            "batch row as a video frame, and the reference is not a frame). Put Self-Subject-Attention on a "
+            "model without them, or remove that pack's node from this model.")
 
 
 def _group_by_shape(rows):

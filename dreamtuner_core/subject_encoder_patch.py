@@ -12,6 +12,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import host
 from .clip_features import clip_layer_features, clip_vision_shape
@@ -36,30 +37,63 @@ def white_background(image, mask=None, mask_mode=MASK_SUBJECT_IS_ONE):
     return image * m + (1.0 - m)
 
 
+class AppliedAttention(nn.Module):
+    """What one S-E-A layer needs at sampling time: its query/output projections and SE(r)'s keys/values.
+
+    The key/value projections are applied once to SE(r) and dropped: each evaluation only runs the
+    query side of Eq. 1.
+    """
+
+    def __init__(self, attention, tokens):
+        super().__init__()
+        self.heads = attention.heads
+        self.norm, self.to_q, self.to_out = (copy.deepcopy(m) for m in (attention.norm, attention.to_q, attention.to_out))
+        with torch.no_grad():
+            self.register_buffer("k", attention.to_k(tokens).detach().clone())
+            self.register_buffer("v", attention.to_v(tokens).detach().clone())
+
+
 class SubjectEncoderPatch:
     """``middle_patch``: Eq. 1 in every transformer block, between self- and cross-attention.
 
-    Holds SE(r) (already encoded) and the S-E-A layers; immutable, so clones share it.
-    Each layer is cast once per device and dtype, with its keys/values of SE(r).
+    Holds the S-E-A layers applied to SE(r) (:class:`AppliedAttention`), shared by clones. The host
+    moves them with the model: ``to(device)``/``to(dtype)`` when it loads or offloads the model
+    (``model_patches_to``), and current ComfyUI counts them through ``models()``. A call on another
+    device or dtype moves them there, in place: no second copy is kept.
     """
 
+    dreamtuner_patch = True
+
     def __init__(self, encoder: SubjectEncoder, tokens, beta, sigma_start, sigma_end):
-        self.encoder, self.tokens, self.beta = encoder, tokens, float(beta)
-        self.sigma_start, self.sigma_end = sigma_start, sigma_end
-        self._cast = {}
+        self.beta, self.sigma_start, self.sigma_end = float(beta), sigma_start, sigma_end
+        self.layers = nn.ModuleDict({name: AppliedAttention(attention, tokens)
+                                     for name, attention in encoder.attention.items()})
+        self._patcher = None
 
     def __deepcopy__(self, memo):
         return self
 
+    def to(self, *args, **kwargs):
+        self.layers.to(*args, **kwargs)
+        return self
+
+    def models(self):
+        """The S-E-A weights as a ModelPatcher, so the host's memory manager loads, counts and offloads them."""
+        if self._patcher is None:
+            import comfy.model_management
+            import comfy.model_patcher
+
+            self._patcher = comfy.model_patcher.ModelPatcher(
+                self.layers, load_device=comfy.model_management.get_torch_device(),
+                offload_device=comfy.model_management.unet_offload_device())
+        return [self._patcher]
+
     def layer(self, name, like):
-        """(S-E-A layer, keys, values) on ``like``'s device and dtype."""
-        key = (name, like.device, like.dtype)
-        if key not in self._cast:
-            attention = copy.deepcopy(self.encoder.attention[name]).to(device=like.device, dtype=like.dtype)
-            with torch.no_grad():
-                tokens = self.tokens.to(device=like.device, dtype=like.dtype)
-                self._cast[key] = (attention, attention.to_k(tokens), attention.to_v(tokens))
-        return self._cast[key]
+        """The applied S-E-A layer ``name``, on ``like``'s device and dtype."""
+        layer = self.layers[name]
+        if layer.k.device != like.device or layer.k.dtype != like.dtype:
+            self.layers.to(device=like.device, dtype=like.dtype)
+        return layer
 
     def __call__(self, x, extra_options):
         sigmas = extra_options.get("sigmas")
@@ -67,11 +101,11 @@ class SubjectEncoderPatch:
             return x
         layer = layer_key(extra_options)
         name = layer_name(layer) if layer is not None else None
-        if name not in self.encoder.attention:
+        if name not in self.layers:
             return x
-        attention, k, v = self.layer(name, x)
+        layer = self.layer(name, x)
         fn = host.attention_function()
-        return subject_encoder_attention(x, attention, k, v, self._row_beta(x, extra_options), fn,
+        return subject_encoder_attention(x, layer, layer.k, layer.v, self._row_beta(x, extra_options), fn,
                                          **host.attention_kwargs(fn, extra_options))
 
     def _row_beta(self, x, extra_options):

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import pathlib
+import signal
 import sys
 import tempfile
 
@@ -56,10 +57,16 @@ def parse_args(argv=None):
                       help="set any widget, e.g. --set 12.omega_ref=2.5 (repeatable; a local file for an image)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("dreamtuner_output"),
                         help="folder for the images (default: ./dreamtuner_output)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run (default 3600)")
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds to wait for the run, then cancel it (default 3600)")
     args = parser.parse_args(argv)
     if (args.comfyui is None) == (args.server is None):
         parser.error("give either --comfyui PATH (start that ComfyUI) or --server URL (use a running one)")
+    for arg in args.comfy_arg:
+        own = comfy_server.own_arg(arg)
+        if own:
+            parser.error(f"--comfy-arg={arg}: the runner sets {own} of the ComfyUI it starts itself (a free local "
+                         "port, its images to --output); to use a ComfyUI started your way, give --server URL")
     return args
 
 
@@ -189,12 +196,19 @@ def _local_image(value):
 
 
 def upload_images(workflow, object_info, server):
-    """Send every local image a LoadImage node names to the server, as the web UI's upload button does."""
+    """Send every local image a LoadImage node names to the server, as the web UI's upload button does.
+
+    The uploaded names join LoadImage's choices in ``object_info``: they lie in a subfolder of ComfyUI's input
+    folder, which the server's list leaves out (LoadImage accepts them all the same).
+    """
+    choices = object_info["LoadImage"]["input"]["required"]["image"][0]
     for node in _active(workflow, "LoadImage"):
         value = wf.widget_values(node, object_info["LoadImage"])["image"]
         local = _local_image(value)
-        if local is not None and value not in object_info["LoadImage"]["input"]["required"]["image"][0]:
-            wf.set_widget(node, object_info["LoadImage"], "image", server.upload_image(local))
+        if local is not None and value not in choices:
+            uploaded = server.upload_image(local)
+            choices.append(uploaded)
+            wf.set_widget(node, object_info["LoadImage"], "image", uploaded)
 
 
 class Progress:
@@ -242,7 +256,6 @@ def run(server, workflow, args):
             raise wf.WorkflowError(problems)
         apply_overrides(workflow, object_info, args, scratch)
         upload_images(workflow, object_info, server)
-    object_info["LoadImage"] = server.get("/object_info/LoadImage")["LoadImage"]  # now listing the uploads
     problems = wf.check(workflow, object_info)
     if problems:
         raise wf.WorkflowError(problems)
@@ -250,8 +263,8 @@ def run(server, workflow, args):
     prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
     try:
         entry = server.follow(prompt_id, Progress(prompt), args.timeout)
-    except KeyboardInterrupt:
-        server.interrupt(prompt_id)  # leave a running server idle, not busy with an abandoned run
+    except BaseException:  # a timeout, Ctrl-C, SIGTERM/SIGHUP, a lost server: the run is abandoned
+        server.interrupt(prompt_id)  # so leave the server idle, not busy with it
         raise
     if (entry.get("status") or {}).get("status_str") != "success":
         raise comfy_server.ServerError(comfy_server.failure_line(entry, prompt))
@@ -264,16 +277,41 @@ def run(server, workflow, args):
     return 0
 
 
+STOP_SIGNALS = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``args[0]``), raised where the runner is so that it unwinds as on Ctrl-C: the run
+    cancelled on the server, the ComfyUI it started stopped."""
+
+
+def _raise_stopped(signum, frame):
+    for name in STOP_SIGNALS:  # once: a second signal must not cut the clean-up short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    previous = {name: signal.signal(getattr(signal, name), _raise_stopped) for name in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         workflow = wf.load(args.workflow)
-        with _connect(args) as server:
+        with _stopped_by_signals(), _connect(args) as server:
             return run(server, workflow, args)
     except (wf.WorkflowError, comfy_server.ServerError) as error:
         for line in error.problems:
             print(f"error: {line}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if isinstance(stop, Stopped) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum

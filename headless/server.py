@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -23,6 +24,8 @@ import urllib.request
 import uuid
 
 from .workflow import node_label
+
+UPLOAD_SUBFOLDER = "dreamtuner_runner"  # under ComfyUI's input/: the runner's uploads, apart from the user's files
 
 
 class ServerError(RuntimeError):
@@ -39,6 +42,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
+OWN_ARGS = ("--listen", "--port", "--output-directory")  # what ``started`` gives ComfyUI's main.py itself
+
+
+def own_arg(arg):
+    """The argument of ``OWN_ARGS`` that ``arg`` would set in ComfyUI (whose argparse takes ``--po`` for ``--port``)."""
+    name = arg.partition("=")[0]
+    return next((own for own in OWN_ARGS if len(name) > 3 and own.startswith(name)), None)
+
+
 @contextlib.contextmanager
 def started(comfyui, python, extra_args=(), startup_timeout=300):
     """A ComfyUI server of the installation at ``comfyui`` on a free local port; yields a ``Server``."""
@@ -52,16 +64,24 @@ def started(comfyui, python, extra_args=(), startup_timeout=300):
                    "--output-directory", str(pathlib.Path(scratch) / "output"), *extra_args]
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
-            server = Server(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
             try:
+                server = Server(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
                 server.wait_ready(startup_timeout)
                 yield server
             finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                _stop(process)
+
+
+def _stop(process):
+    """End a started ComfyUI: ask it to exit, and kill it if it has not within 30 s (or a second Ctrl-C came)."""
+    process.terminate()
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
 
 
 class Server:
@@ -109,15 +129,21 @@ class Server:
         return self.get("/object_info")
 
     def upload_image(self, path):
-        """Put a local image into the server's input folder; returns the name LoadImage knows it by."""
+        """Put a local image into the server's input folder; returns the name LoadImage knows it by.
+
+        Never over a file of the user's: the image goes to ``input/dreamtuner_runner/`` under a name with a hash of
+        its content, without ComfyUI's overwrite flag (so the server renames rather than replaces, should that name
+        exist with other content). The same image sent again is the same file: ComfyUI keeps one copy.
+        """
         path = pathlib.Path(path)
+        data = path.read_bytes()
+        name = f"{path.stem}-{hashlib.sha256(data).hexdigest()[:12]}{path.suffix}"
         boundary = uuid.uuid4().hex
-        body = b"".join([
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n".encode(),
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n".encode(), path.read_bytes(), b"\r\n",
-            f"--{boundary}--\r\n".encode()])
-        request = urllib.request.Request(self.url + "/upload/image", data=body,
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+                 for key, value in (("type", "input"), ("subfolder", UPLOAD_SUBFOLDER))]
+        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                  "Content-Type: application/octet-stream\r\n\r\n".encode(), data, f"\r\n--{boundary}--\r\n".encode()]
+        request = urllib.request.Request(self.url + "/upload/image", data=b"".join(parts),
                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
@@ -132,8 +158,12 @@ class Server:
             raise ServerError(rejection_lines(json.loads(error.read() or b"{}"), prompt)) from None
 
     def interrupt(self, prompt_id):
-        """Stop this prompt, whether running or still queued."""
-        for path, payload in (("/interrupt", {"prompt_id": prompt_id}), ("/queue", {"delete": [prompt_id]})):
+        """Stop this prompt, whether running or still queued.
+
+        Deleted from the queue first, then interrupted: a prompt that starts between the two calls is still caught
+        (ComfyUI's ``/interrupt`` with a prompt id stops only that prompt, and only while it runs).
+        """
+        for path, payload in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
             with contextlib.suppress(OSError):
                 self.post(path, payload, timeout=10)
 

@@ -12,7 +12,7 @@ import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import host
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.dreamtuner_core.reference_pass import ReferenceBatchWrapper
-from test_self_subject_attention import ssa, state_of
+from test_self_subject_attention import evaluation_features, ssa
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def test_controlnet_from_the_host_loader_drives_the_image_not_the_reference(narr
     assert not torch.equal(controlled, tm.sample(model, pos_control, neg, latent, steps=2))
 
     # The reference pass received no ControlNet residuals: same features with and without control.
-    tm.sample(patched, pos_control, neg, latent, steps=1)
-    (with_control,) = state_of(patched).cache.levels.values()
-    tm.sample(patched, pos, neg, latent, steps=1)
-    (without,) = state_of(patched).cache.levels.values()
+    with evaluation_features() as seen:
+        tm.sample(patched, pos_control, neg, latent, steps=1)
+        tm.sample(patched, pos, neg, latent, steps=1)
+    (with_control,), (without,) = seen[0].values(), seen[1].values()
     for layer in without.layers():
         torch.testing.assert_close(with_control.get(layer)[0], without.get(layer)[0], atol=1e-5, rtol=1e-5)
 

@@ -1,16 +1,24 @@
 """The headless runner's parts that need no ComfyUI: command-line overrides, uploads, error lines, progress,
-and its websocket client (tier 1; tests/test_tier2_workflows.py runs it against a real server)."""
+its websocket client, and how it ends (signals, timeout) against a stand-in server (tests/fake_comfyui.py)
+(tier 1; tests/test_tier2_workflows.py runs it against a real server)."""
 
 import base64
 import hashlib
 import io
 import json
+import os
+import pathlib
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
+import fake_comfyui
 from comfyui_dreamtuner.headless import run as runner
 from comfyui_dreamtuner.headless import server as comfy_server
 from comfyui_dreamtuner.headless import workflow as wf
@@ -206,3 +214,126 @@ def test_the_websocket_client_reads_what_comfyui_sends_and_answers_pings():
     client.close()
     listener.close()
     assert seen["pong"] == (0x8A, 0x80, b"hi")
+
+
+def test_an_upload_never_replaces_a_file_of_the_users_and_one_image_is_stored_once(tmp_path):
+    comfy = tmp_path / "comfy"
+    (comfy / "input").mkdir(parents=True)
+    (comfy / "input" / "photo.png").write_bytes(b"the user's own photo")
+    mine, other = tmp_path / "x" / "photo.png", tmp_path / "y" / "photo.png"
+    for path, content in ((mine, b"the subject"), (other, b"another subject")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    with fake_comfyui.running(comfy, DEFS) as url:
+        server = comfy_server.Server(url)
+        first, again, second = server.upload_image(mine), server.upload_image(mine), server.upload_image(other)
+    assert (comfy / "input" / "photo.png").read_bytes() == b"the user's own photo"
+    assert first == again != second and "photo.png" not in (first, second)
+    assert (comfy / "input" / first).read_bytes() == b"the subject"
+    assert (comfy / "input" / second).read_bytes() == b"another subject"
+    assert len(list((comfy / "input").rglob("*.png"))) == 3
+    assert not [r for r in fake_comfyui.requests(comfy) if "overwrite" in r["body"]]
+
+
+def _runner_output(capsys, *argv):
+    code = runner.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_a_timeout_cancels_the_run_on_the_server_and_an_upload_passes_the_check(tmp_path, capsys):
+    subject = tmp_path / "dog.png"
+    subject.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_subject.png").read_bytes())
+    with fake_comfyui.running(tmp_path, DEFS) as url:
+        started = time.monotonic()
+        code, err = _runner_output(capsys, "--server", url, "--image", str(subject), "--timeout", "1",
+                                   "--output", str(tmp_path / "out"))
+    assert code == 1 and "did not finish within 1.0 s" in err and time.monotonic() - started < 10
+    posts = fake_comfyui.requests(tmp_path)
+    queued = next(r["body"]["prompt"] for r in posts if r["path"] == "/prompt")
+    (loaded,) = [node["inputs"]["image"] for node in queued.values() if node["class_type"] == "LoadImage"]
+    assert (tmp_path / "input" / loaded).read_bytes() == subject.read_bytes()
+    assert {"path": "/queue", "body": {"delete": [fake_comfyui.PROMPT_ID]}} in posts
+    assert {"path": "/interrupt", "body": {"prompt_id": fake_comfyui.PROMPT_ID}} in posts
+    assert not (tmp_path / "out").exists()
+
+
+def _stand_in_comfyui(folder):
+    """A ComfyUI folder whose main.py is the fake server: the runner starts it as it would start ComfyUI."""
+    folder.mkdir()
+    (folder / "object_info.json").write_text(json.dumps(DEFS))
+    (folder / "main.py").write_text(f"import sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+                                    "import fake_comfyui\nfake_comfyui.main()\n")
+    return folder
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = pathlib.Path(f"/proc/{pid}/stat")  # a zombie has exited (its new parent reaps it)
+    return not (stat.exists() and stat.read_text().rpartition(")")[2].split()[0] == "Z")
+
+
+def _wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+RUNNER = [sys.executable, str(ROOT / "scripts" / "run_workflow.py")]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_the_comfyui_the_runner_started_and_its_run(tmp_path, signum):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
+        pid = int((comfy / "pid").read_text())
+        process.send_signal(getattr(signal, signum))
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 128 + getattr(signal, signum) and f"interrupted ({signum})" in err
+        assert _wait_for(lambda: not _alive(pid), 10), "the ComfyUI the runner started is still running"
+        posts = fake_comfyui.requests(comfy)
+        assert {"path": "/queue", "body": {"delete": [fake_comfyui.PROMPT_ID]}} in posts
+        assert {"path": "/interrupt", "body": {"prompt_id": fake_comfyui.PROMPT_ID}} in posts
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("comfy_args, own", [(["--port=9000"], "--port"), (["--port", "9000"], "--port"),
+                                             (["--po=9000"], "--port"), (["--listen"], "--listen"),
+                                             (["--listen=0.0.0.0"], "--listen"),
+                                             (["--output-directory=/tmp/x"], "--output-directory")])
+def test_a_comfy_arg_the_runner_sets_itself_is_refused_naming_it(comfy_args, own, capsys):
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--comfyui", "/x", *[f"--comfy-arg={a}" for a in comfy_args]])
+    assert f"--comfy-arg={comfy_args[0]}: the runner sets {own} " in capsys.readouterr().err
+    for other in ("--lowvram", "--preview-method=auto", "--base-directory=/x", "--log-stdout"):
+        assert runner.parse_args(["--comfyui", "/x", f"--comfy-arg={other}"]).comfy_arg == [other]
+
+
+def test_a_conflicting_comfy_arg_fails_at_once_not_after_the_start_up_timeout(tmp_path):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    started = time.monotonic()
+    try:
+        result = subprocess.run([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
+                                 "--comfy-arg=--port=9", "--output", str(tmp_path / "out")],
+                                capture_output=True, text=True, timeout=30)  # the start-up timeout is 300 s
+    finally:
+        if (comfy / "pid").exists() and _alive(int((comfy / "pid").read_text())):
+            os.kill(int((comfy / "pid").read_text()), signal.SIGKILL)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2 and "--comfy-arg=--port=9: the runner sets --port" in result.stderr
+    assert not (comfy / "pid").exists()  # ComfyUI was not started

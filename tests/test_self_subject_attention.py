@@ -1,5 +1,6 @@
 """Self-subject-attention on real host models, sampled with the host's own samplers."""
 
+import contextlib
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import comfy.samplers
 import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core.reference_pass import (
-    CALL_KEY, STATE_KEY, CallPlan, ReferenceFeatures, SelfSubjectAttentionReplace)
+    CALL_KEY, STATE_KEY, CallPlan, ReferenceFeatures, RunCache, SelfSubjectAttentionReplace)
 from comfyui_dreamtuner.dreamtuner_core.references import Reference
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
 
@@ -54,6 +55,39 @@ def state_of(model):
     return model.model_options.get("transformer_options", {}).get(STATE_KEY)
 
 
+@contextlib.contextmanager
+def evaluation_features():
+    """The reference features of every evaluation, {sigma: ReferenceFeatures} each, in order.
+
+    The pack frees them at the end of every evaluation; this records them just before.
+    """
+    seen, original = [], RunCache.end_evaluation
+
+    def record(cache):
+        seen.append(dict(cache.levels.get(None, {})))
+        original(cache)
+
+    RunCache.end_evaluation = record
+    try:
+        yield seen
+    finally:
+        RunCache.end_evaluation = original
+
+
+def free_memory_of(room):
+    """A stand-in for comfy.model_management.get_free_memory: ``room`` bytes for the host's batch planning
+    (``get_free_memory(device)``); attention, which asks with ``torch_free_too``, still gets plenty."""
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (1e12, 1e12) if torch_free_too else room
+    return get_free_memory
+
+
+def split_every_batch(monkeypatch):
+    """Make the host evaluate each conditioning in a UNet call of its own, as it does when memory is short."""
+    import comfy.model_management
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free_memory_of(0))
+
+
 def test_the_input_model_is_not_changed_and_nothing_leaks_into_later_runs():
     model = tm.build("sd15")
     pos, neg, latent = tm.conditioning(model, 1), tm.conditioning(model, 2), tm.latent(3)
@@ -90,7 +124,7 @@ def test_cond_and_uncond_in_separate_calls_share_the_reference_features(monkeypa
     together = tm.sample(patched, pos, neg, latent)
     # When a batch does not fit in memory the host evaluates each conditioning in its own UNet call
     # (uncond first).
-    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: 1e30)
+    split_every_batch(monkeypatch)
     counter = tm.UNetItemCounter(model)
     apart = tm.sample(patched, pos, neg, latent)
     counter.close()
@@ -102,16 +136,18 @@ def test_separate_calls_read_the_positive_text_for_the_reference(monkeypatch):
     model = tm.build("sd15")
     pos, neg, latent = tm.conditioning(model, 1), tm.conditioning(model, 2), tm.latent(3)
     patched = ssa(model, tm.latent(4))
-    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: 1e30)
+    split_every_batch(monkeypatch)
     counter = tm.UNetItemCounter(model)
-    tm.sample(patched, pos, neg, latent, steps=1)
+    with evaluation_features() as seen:
+        tm.sample(patched, pos, neg, latent, steps=1)
     assert counter.items == [2, 2]  # before the positive is seen, its features are redone with it
     # The last step's features were made by the positive call, with the positive text.
     explicit = ssa(model, tm.latent(4), reference_conditioning=pos)
-    tm.sample(explicit, pos, neg, latent, steps=1)
+    with evaluation_features() as seen_explicit:
+        tm.sample(explicit, pos, neg, latent, steps=1)
     counter.close()
-    (made,) = state_of(patched).cache.levels.values()
-    (wanted,) = state_of(explicit).cache.levels.values()
+    (made,) = seen[-1].values()
+    (wanted,) = seen_explicit[-1].values()
     for layer in wanted.layers():
         torch.testing.assert_close(made.get(layer)[0], wanted.get(layer)[0], atol=1e-5, rtol=1e-5)
     # From the second step on the uncond call already reads the positive text.
@@ -142,9 +178,9 @@ def test_recorded_reference_features_equal_a_plain_forward_of_the_noised_referen
     model = tm.build("sd15")
     pos, neg, latent, reference = tm.conditioning(model, 1), tm.conditioning(model, 2), tm.latent(3), tm.latent(4)
     patched = ssa(model, reference, reference_seed=7)
-    tm.sample(patched, pos, neg, latent, steps=1)
-    cache = state_of(patched).cache
-    (sigma, features), = cache.levels.items()
+    with evaluation_features() as seen:
+        tm.sample(patched, pos, neg, latent, steps=1)
+    (sigma, features), = seen[-1].items()
 
     from comfyui_dreamtuner.dreamtuner_core.references import reference_noise
     base = model.model
@@ -315,8 +351,9 @@ def test_blocks_select_the_patched_layers():
     replaced = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert set(replaced) == {("output", 0, 0), ("output", 1, 0), ("output", 2, 0)} or \
         all(key[0] == "output" for key in replaced)
-    tm.sample(patched, pos, neg, latent, steps=1)
-    (features,) = state_of(patched).cache.levels.values()
+    with evaluation_features() as seen:
+        tm.sample(patched, pos, neg, latent, steps=1)
+    (features,) = seen[-1].values()
     assert features.layers() and all(layer[0] == "output" for layer in features.layers())
     middle = ssa(model, reference, blocks="middle, input.1")
     assert set(middle.model_options["transformer_options"]["patches_replace"]["attn1"]) == {

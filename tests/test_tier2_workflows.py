@@ -10,9 +10,11 @@ frontend's own conversion is compared with the runner's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +123,8 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
     picture = Image.new("L", (60, 40), 0)
     ImageDraw.Draw(picture).ellipse((15, 5, 45, 35), fill=255)
     picture.save(mask)
+    users_own = comfyui.base / "input" / "my_subject_masked.png"  # the name the masked upload once had
+    users_own.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes())
     result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "workflows" / f"{NAMES[1]}.json"),
                      "--image", str(subject), "--mask", str(mask), "--prompt", "a blue toy on the moon",
                      "--seed", "5", "--steps", "2", "--size", "64x80", "--output", str(tmp_path / "out"))
@@ -131,8 +135,12 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
         prompt = json.loads(image.info["prompt"])  # what the engine ran
     by_title = {v.get("_meta", {}).get("title"): v["inputs"] for v in prompt.values()}
     assert by_title["Positive prompt"]["text"] == "a blue toy on the moon"
-    assert by_title["Subject (PNG with a transparent background)"]["image"] == "my_subject_masked.png"
-    uploaded = Image.open(comfyui.base / "input" / "my_subject_masked.png")
+    name = by_title["Subject (PNG with a transparent background)"]["image"]
+    assert re.fullmatch(r"dreamtuner_runner/my_subject_masked-[0-9a-f]{12}\.png", name)
+    assert users_own.read_bytes() == (ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes()
+    stored = (comfyui.base / "input" / name).read_bytes()
+    assert name.endswith(f"-{hashlib.sha256(stored).hexdigest()[:12]}.png")
+    uploaded = Image.open(comfyui.base / "input" / name)
     assert uploaded.mode == "RGBA" and uploaded.getpixel((60, 40))[3] == 255 and uploaded.getpixel((2, 2))[3] == 0
     assert [v["inputs"]["seed"] for v in prompt.values() if "seed" in v["inputs"]] == [5]
 
@@ -185,6 +193,37 @@ def test_ctrl_c_stops_the_run_on_the_server_too(comfyui, tmp_path):
     while comfyui.get("/queue")["queue_running"] and time.time() < deadline:
         time.sleep(0.5)
     assert comfyui.get("/queue") == {"queue_running": [], "queue_pending": []}
+    assert not (tmp_path / "out").exists()
+
+
+def _queue(comfyui):
+    return {kind: [item[1] for item in items] for kind, items in comfyui.get("/queue").items()}
+
+
+def _wait_idle(comfyui, timeout):
+    deadline = time.time() + timeout
+    while _queue(comfyui) != {"queue_running": [], "queue_pending": []}:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def test_a_timeout_cancels_the_run_whether_queued_or_running_and_nothing_else(comfyui, tmp_path):
+    object_info = comfyui.object_info()
+    other = comfyui.queue(wf.to_api(small(wf.load(WORKFLOWS[3]), object_info, steps=500), object_info))
+    try:  # the runner's run waits behind another client's: it is taken off the queue, the other one runs on
+        result = _runner("--server", comfyui.url, "--workflow", str(WORKFLOWS[3]), "--steps", "2", "--size", "64x64",
+                         "--timeout", "3", "--output", str(tmp_path / "out"))
+        assert result.returncode == 1 and "did not finish within 3.0 s" in result.stderr
+        assert _queue(comfyui) == {"queue_running": [other], "queue_pending": []}
+    finally:
+        comfyui.interrupt(other)
+    assert _wait_idle(comfyui, 60)
+    result = _runner("--server", comfyui.url, "--workflow", str(WORKFLOWS[3]), "--steps", "500", "--size", "64x64",
+                     "--timeout", "8", "--output", str(tmp_path / "out"))  # now it runs when the time is up
+    assert result.returncode == 1 and "did not finish within 8.0 s" in result.stderr
+    assert _wait_idle(comfyui, 60)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,91 @@
+"""Self-subject-attention with the host's own model-patch nodes, in either order (tier 1, both cores).
+
+The nodes are the host's (``comfy_extras``): Self-Attention Guidance, Perturbed-Attention Guidance,
+FreeU_V2, HyperTile and ToMe. Each combination either works (the output differs from each patch
+alone, no error) or fails with an error naming the other patch and the fix.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+from test_self_subject_attention import ssa
+
+# (module, node, inputs): small inputs so each acts on the tiny model's 16x16 latent.
+NODES = {
+    "SelfAttentionGuidance": ("nodes_sag", dict(scale=0.5, blur_sigma=2.0)),
+    "PerturbedAttentionGuidance": ("nodes_pag", dict(scale=3.0)),
+    "FreeU_V2": ("nodes_freelunch", dict(b1=1.3, b2=1.4, s1=0.9, s2=0.2)),
+    "HyperTile": ("nodes_hypertile", dict(tile_size=32, swap_size=1, max_depth=1, scale_depth=False)),
+    "TomePatchModel": ("nodes_tomesd", dict(ratio=0.5)),
+}
+
+
+def core_node(name, model):
+    """Run one of the host's patch nodes on ``model`` (late-2024 node classes or current ComfyUI's io nodes)."""
+    module, inputs = NODES[name]
+    node = getattr(importlib.import_module(f"comfy_extras.{module}"), name)
+    if hasattr(node, "execute"):
+        out = node.execute(model, **inputs)
+        return out.result[0] if hasattr(out, "result") else out[0]
+    return getattr(node(), node.FUNCTION)(model, **inputs)[0]
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    model = tm.build("sd15")
+    return model, tm.conditioning(model, 1), tm.conditioning(model, 2), tm.latent(3, 16, 16), tm.latent(4, 16, 16)
+
+
+def run(model, pos, neg, latent):
+    torch.manual_seed(0)  # HyperTile draws its tile counts from the global generator
+    return tm.sample(model, pos, neg, latent, steps=2)
+
+
+@pytest.mark.parametrize("name", ["PerturbedAttentionGuidance", "FreeU_V2", "HyperTile", "TomePatchModel"])
+@pytest.mark.parametrize("order", ["other first", "dreamtuner first"])
+def test_works_in_either_order(sd15, name, order):
+    model, pos, neg, latent, reference = sd15
+    combined = ssa(core_node(name, model), reference) if order == "other first" else core_node(name, ssa(model, reference))
+    both = run(combined, pos, neg, latent)
+    assert torch.isfinite(both).all()
+    assert not torch.equal(both, run(core_node(name, model), pos, neg, latent)), "the reference acts"
+    assert not torch.equal(both, run(ssa(model, reference), pos, neg, latent)), f"{name} acts"
+
+
+def test_self_attention_guidance_names_itself_and_the_fix_in_either_order(sd15):
+    model, pos, neg, latent, reference = sd15
+    with pytest.raises(DreamTunerInputError, match=r"attn_and_record.*middle\.0\.0.*'blocks'"):
+        ssa(core_node("SelfAttentionGuidance", model), reference)
+    after = core_node("SelfAttentionGuidance", ssa(model, reference))  # replaces the middle block's attention
+    with pytest.raises(DreamTunerInputError, match=r"attn_and_record.*middle\.0\.0.*'blocks'"):
+        run(after, pos, neg, latent)
+    # The fix the message gives: leave the middle block to SAG.
+    sag = core_node("SelfAttentionGuidance", model)
+    for combined in (ssa(sag, reference, blocks="input, output"),
+                     core_node("SelfAttentionGuidance", ssa(model, reference, blocks="input, output"))):
+        both = run(combined, pos, neg, latent)
+        assert torch.isfinite(both).all() and not torch.equal(both, run(sag, pos, neg, latent))
+
+
+def test_hypertile_tiles_read_their_items_reference(sd15, monkeypatch):
+    """Every tile of a generated item attends to that item's reference tokens (Eq. 3 per tile)."""
+    from comfyui_dreamtuner.dreamtuner_core import reference_pass
+
+    model, pos, neg, latent, reference = sd15
+    rows = []
+    original = reference_pass.self_subject_attention
+
+    def spy(q, k, v, k_ref, *args, **kwargs):
+        rows.append((q.shape[0], q.shape[1], k_ref.shape[0]))
+        return original(q, k, v, k_ref, *args, **kwargs)
+
+    monkeypatch.setattr(reference_pass, "self_subject_attention", spy)
+    run(ssa(core_node("HyperTile", model), reference), pos, neg, latent)
+    tiled = [r for r in rows if r[0] > 2]  # cond + uncond split into tiles on the 16x16 and 8x8 grids
+    # Each item's tiles together hold its tokens, and every tile reads all of the (same-sized) reference's.
+    assert {ref for _, _, ref in tiled} == {256, 64}
+    assert all(batch % 2 == 0 and tokens * batch // 2 == ref for batch, tokens, ref in tiled)
