@@ -210,7 +210,7 @@ class Outcome:
         return self.exception_type.endswith("DreamTunerInputError")
 
 
-def attempt(comfy, graph, tmp_path, timeout=900):
+def attempt(comfy, graph, tmp_path, timeout=1800):
     """Queue ``graph``; its final latent, or the server's exception (type, message, traceback)."""
     import safetensors.torch
 
@@ -288,23 +288,43 @@ def test_composes_or_names_the_other_patch(runs, case, order, sampler):
 # Per-conditioning LoRA: the reference features must come from the weights of the conditioning that reads them.
 
 
-def _with_lora_loader(graph):
-    """The same LoRA on the whole model (core LoraLoader), feeding Self-Subject-Attention."""
-    graph["lora"] = {"class_type": "LoraLoader", "inputs": {
-        "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "lora-random.safetensors", "strength_model": 1.0,
-        "strength_clip": 0.0}}
-    graph["ssa"]["inputs"]["model"] = ["lora", 0]
+def _lora_hook_graph(strength, cfg, loader=False):
+    """SSA with the random LoRA as a hook on the positive prompt only (``loader``: on the whole model instead)."""
+    graph = build(CASES_BY_NAME["LoRA hooks on the positive"], "with", "ksampler")
+    graph["hook"]["inputs"]["strength_model"] = strength
+    graph["sample"]["inputs"]["cfg"] = cfg
+    if loader:
+        graph["pos"]["inputs"]["clip"] = ["ckpt", 1]
+        graph["lora"] = {"class_type": "LoraLoader", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "lora-random.safetensors",
+            "strength_model": strength, "strength_clip": 0.0}}
+        graph["ssa"]["inputs"]["model"] = ["lora", 0]
     return graph
 
 
-def _lora_graphs(targets, cfg):
-    hooked = build(CASES_BY_NAME["LoRA hooks on the positive"], "with", "ksampler")
-    for name in ("pos", "neg"):
-        hooked[name]["inputs"]["clip"] = ["hooked_clip", 0] if name in targets else ["ckpt", 1]
-    plain = build(CASES_BY_NAME["LoRA hooks on the positive"], "ssa_alone", "ksampler")
-    for graph in (hooked, plain):
-        graph["sample"]["inputs"]["cfg"] = cfg
-    return hooked, plain
+def test_a_lora_hook_on_the_positive_gives_its_reference_features_the_lora_weights(comfyui, tmp_path):
+    """cfg 1 evaluates the positive alone: hooked on the positive == the LoRA on the whole model (LoraLoader).
+
+    The host applies a hook's weights exactly as LoraLoader does (the two give bitwise-equal latents without
+    Self-Subject-Attention), and both graphs make the same calls, so the latents must be equal.
+    """
+    hooked = attempt(comfyui, _lora_hook_graph(1.0, 1.0), tmp_path)
+    loaded = attempt(comfyui, _lora_hook_graph(1.0, 1.0, loader=True), tmp_path)
+    assert hooked.ok and loaded.ok, (hooked.message, loaded.message)
+    assert bool((hooked.latent == loaded.latent).all()), float((hooked.latent - loaded.latent).abs().max())
+
+
+def test_a_lora_hook_on_the_positive_leaves_the_negatives_reference_features_on_the_base_weights(comfyui, tmp_path):
+    """cfg 0 returns the negative's prediction alone; the hook is on the positive only.
+
+    Against the same graph with the hook at strength 0 (same calls, same grouping, base weights everywhere),
+    the latents must be equal: reference features made in the positive's call (with the LoRA) must not be
+    read by the negative's call.
+    """
+    hooked = attempt(comfyui, _lora_hook_graph(1.0, 0.0), tmp_path)
+    zero = attempt(comfyui, _lora_hook_graph(0.0, 0.0), tmp_path)
+    assert hooked.ok and zero.ok, (hooked.message, zero.message)
+    assert bool((hooked.latent == zero.latent).all()), float((hooked.latent - zero.latent).abs().max())
 
 
 CASES_BY_NAME = {case.name: case for case in CASES}
