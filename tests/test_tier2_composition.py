@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import urllib.error
 
 import pytest
+import torch
 
 import tier2
 
@@ -288,6 +290,12 @@ def test_composes_or_names_the_other_patch(runs, case, order, sampler):
 # Per-conditioning LoRA: the reference features must come from the weights of the conditioning that reads them.
 
 
+def rounding(latent):
+    """fp32 rounding of one UNet evaluation at the latent's magnitude: eps * sqrt(K) * max|x|, K the longest
+    reduction in the SD1.5 UNet (a 3x3 convolution over the 2560 channels of an output block's skip concat)."""
+    return torch.finfo(torch.float32).eps * math.sqrt(2560 * 9) * float(latent.abs().max())
+
+
 def _lora_hook_graph(strength, cfg, loader=False):
     """SSA with the random LoRA as a hook on the positive prompt only (``loader``: on the whole model instead)."""
     graph = build(CASES_BY_NAME["LoRA hooks on the positive"], "with", "ksampler")
@@ -311,7 +319,8 @@ def test_a_lora_hook_on_the_positive_gives_its_reference_features_the_lora_weigh
     hooked = attempt(comfyui, _lora_hook_graph(1.0, 1.0), tmp_path)
     loaded = attempt(comfyui, _lora_hook_graph(1.0, 1.0, loader=True), tmp_path)
     assert hooked.ok and loaded.ok, (hooked.message, loaded.message)
-    assert bool((hooked.latent == loaded.latent).all()), float((hooked.latent - loaded.latent).abs().max())
+    difference = float((hooked.latent - loaded.latent).abs().max())
+    assert difference <= rounding(loaded.latent), difference  # measured here: 0.0 (the LoRA itself moves it by ~46)
 
 
 def test_a_lora_hook_on_the_positive_leaves_the_negatives_reference_features_on_the_base_weights(comfyui, tmp_path):
@@ -324,7 +333,8 @@ def test_a_lora_hook_on_the_positive_leaves_the_negatives_reference_features_on_
     hooked = attempt(comfyui, _lora_hook_graph(1.0, 0.0), tmp_path)
     zero = attempt(comfyui, _lora_hook_graph(0.0, 0.0), tmp_path)
     assert hooked.ok and zero.ok, (hooked.message, zero.message)
-    assert bool((hooked.latent == zero.latent).all()), float((hooked.latent - zero.latent).abs().max())
+    difference = float((hooked.latent - zero.latent).abs().max())
+    assert difference <= rounding(zero.latent), difference  # measured here: 1.6e-4 of 254 (the LoRA moves it by ~46)
 
 
 CASES_BY_NAME = {case.name: case for case in CASES}
