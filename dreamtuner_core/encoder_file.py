@@ -21,9 +21,13 @@ FORMAT = "dreamtuner.subject_encoder"
 FORMAT_VERSION = 1
 
 
-def save_encoder(encoder: SubjectEncoder, path):
-    """Write an encoder atomically (a half-written file never takes the name)."""
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), **encoder.config.to_metadata()}
+def save_encoder(encoder: SubjectEncoder, path, extra_metadata=None):
+    """Write an encoder atomically (a half-written file never takes the name).
+
+    ``extra_metadata``: more string entries (e.g. how it was trained); they cannot replace the format's own.
+    """
+    metadata = {**(extra_metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
+                **encoder.config.to_metadata()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     partial = f"{path}.partial"
     safetensors.torch.save_file(tensors, partial, metadata=metadata)

@@ -8,6 +8,13 @@ self-subject-attention reads the reference noised to timestep ``s``, and
     Eq. 5  e_c = w_c * e(x_t, c, ref@t-dt) - (w_c - 1) * e(x_t, uc, ref@t+dt')
     Eq. 6  lambda ~ U(0, 1) at each step: Eq. 4 if lambda <= p_r, else Eq. 5.
 
+One lambda per sampler step. Heun, DPM2, the SDE and other multi-stage
+samplers evaluate the model more than once per step; every evaluation of a
+step uses that step's equation (:class:`StepClock` says which step an
+evaluation belongs to). Step ``i``'s lambda is the ``i``-th draw of a
+generator seeded by the sampler seed, so a run is reproducible and its
+equations do not depend on how many evaluations a step makes.
+
 Prediction space. The host evaluates the model as denoised predictions
 ``D = x - sigma * eps`` (``calc_cond_batch``) and combines them in
 ``cfg_function``; both equations are of the form ``w * a - (w - 1) * b`` whose
@@ -27,6 +34,9 @@ share a level share the reference features (:mod:`.reference_pass`).
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
 import comfy.model_management
@@ -39,17 +49,32 @@ EQ4, EQ5 = 4, 5
 # Conditionings whose self-subject-attention is off but whose subject encoder should be off too
 # (the subject encoder patch reads this set; "none" in Eq. 4 keeps the encoder by default).
 ENCODER_OFF_KEY = "dreamtuner_subject_encoder_off"
+# The w_r widget value meaning "the same as cfg" (the paper's setting).
+SAME_AS_CFG = -1.0
 
 
-def interleaved_cfg(lam, p_r, w_r, w_c, evaluate, combine):
+def resolve_w_r(w_r, cfg):
+    """w_r as used in Eq. 4: None or -1 mean the text guidance scale ``cfg``."""
+    return float(cfg) if w_r is None or w_r == SAME_AS_CFG else float(w_r)
+
+
+def interleaved_cfg(lam, p_r, w_r, w_c, evaluate, combine, skip_unit_scale=True):
     """Eq. 6 chooses between Eq. 4 and Eq. 5 and combines the evaluations.
 
     evaluate(pairs) -> predictions, one per (text, reference) pair, text in
-        {"positive", "negative"}, reference in {"t-dt", "t+dt'", None};
+        {"positive", "negative"}, reference in {"t-dt", "t+dt'", None}; a pair
+        that is None is not evaluated and its prediction is zeros (as the host's
+        ``calc_cond_batch`` does for a missing conditioning);
     combine(a, b, w) -> ``w * a - (w - 1) * b`` (the host's CFG).
+    skip_unit_scale: at w_r = 1 Eq. 4 is ``e(x_t, c, ref)`` alone, so, as the
+        host does for CFG 1, the ``none`` branch is not evaluated (the result is
+        then exactly the host's CFG 1 on the patched model).
     Returns (prediction, equation number).
     """
     if lam <= p_r:  # Eq. 4: reference guidance against the same text without self-subject-attention
+        if skip_unit_scale and math.isclose(w_r, 1.0):
+            e_ref, zeros = evaluate([("positive", "t-dt"), None])
+            return combine(e_ref, zeros, 1.0), EQ4
         e_ref, e_none = evaluate([("positive", "t-dt"), ("positive", None)])
         return combine(e_ref, e_none, w_r), EQ4
     # Eq. 5: text guidance, the unconditional branch reading a noisier reference
@@ -76,8 +101,11 @@ def check_settings(model_patcher, negative, p_r, w_r, w_c, delta_t, delta_t_prim
         )
     if not 0.0 <= p_r <= 1.0:
         raise DreamTunerInputError(f"p_r is a probability and must lie in [0, 1]; got {p_r}.")
-    if w_r < 0 or w_c < 0:
-        raise DreamTunerInputError(f"w_r and cfg must be 0 or more; got w_r={w_r}, cfg={w_c}.")
+    if w_c < 0:
+        raise DreamTunerInputError(f"cfg must be 0 or more; got {w_c}.")
+    if w_r is not None and w_r != SAME_AS_CFG and w_r < 0:
+        raise DreamTunerInputError(
+            f"w_r must be -1 (the same as cfg, the paper's setting) or 0 or more; got {w_r}.")
     if not negative and p_r < 1.0:
         raise DreamTunerInputError(
             "negative is empty, but Eq. 5 (used with probability 1 - p_r) needs an unconditional branch. "
@@ -88,26 +116,146 @@ def check_settings(model_patcher, negative, p_r, w_r, w_c, delta_t, delta_t_prim
                 f"{name} is an offset in timesteps of the 1000-step schedule and must lie in [0, 999]; got {value}.")
 
 
-class InterleavedCFGGuider(comfy.samplers.CFGGuider):
-    """A GUIDER that applies Eq. 4-6 at every model evaluation (one lambda draw per evaluation).
+def lambda_draws(seed, steps):
+    """Eq. 6's lambda of each step: draw ``i`` of a CPU generator seeded by the sampler seed."""
+    generator = torch.Generator().manual_seed(int(seed or 0))
+    return [float(torch.rand((), generator=generator)) for _ in range(steps)]
 
-    The lambda draws come from a generator seeded with the sampler's seed, so a
-    run is reproducible and independent of the global RNG. ``choices`` lists
-    the equation used at each evaluation of the last run.
+
+def interval_step(sigmas, sigma):
+    """The step whose interval ``(sigmas[i + 1], sigmas[i]]`` holds ``sigma`` (0 above the first)."""
+    steps = len(sigmas) - 1
+    return min(sum(1 for s in sigmas[1:steps] if s >= sigma), max(steps - 1, 0))
+
+
+class _Probe:
+    """Stands in for the guider in a dry run of the sampler: records evaluations and step callbacks.
+
+    It has what samplers read from the model they are given (``inner_model``,
+    ``model_patcher``) and predicts zeros.
     """
 
-    def __init__(self, model_patcher, w_r=7.0, p_r=0.9, delta_t=0, delta_t_prime=0, none_disables_encoder=False):
+    def __init__(self, model_patcher):
+        self.model_patcher = model_patcher
+        self.inner_model = model_patcher.model
+        self.events = []
+
+    def __call__(self, x, sigma, model_options=None, seed=None, **kwargs):
+        self.events.append(("eval", float(torch.as_tensor(sigma).max())))
+        return torch.zeros_like(x)
+
+    def callback(self, step, *args):
+        self.events.append(("step", int(step)))
+
+
+def steps_from_events(events, steps):
+    """The step of each evaluation from a run's evaluations and step callbacks, or None.
+
+    Every sampler of the host calls back once per step, right after the step's
+    first evaluation (it reports that evaluation's prediction); the step's other
+    evaluations (Heun's corrector, DPM2's midpoint, an SDE stage) follow the
+    callback. So the evaluation just before callback ``i`` opens step ``i`` and
+    every evaluation up to the next opening belongs to it. Returns None when the
+    callbacks are not exactly 0, 1, ..., steps - 1 (adaptive samplers such as
+    dpm_adaptive and dpm_fast have steps of their own).
+    """
+    owners, current, opened = [], 0, 0
+    for kind, value in events:
+        if kind == "eval":
+            owners.append(current)
+        else:
+            if value != opened or not owners:
+                return None
+            owners[-1] = current = value
+            opened += 1
+    return owners if opened == steps else None
+
+
+class StepClock:
+    """Which sampler step each model evaluation belongs to.
+
+    A sampler step cannot be told from one evaluation: Heun's corrector runs at
+    the next step's sigma, before that step begins. The clock therefore runs the
+    sampler once beforehand on a one-pixel latent with a stand-in model that
+    predicts zeros (no UNet work; the global RNG is restored) and records where
+    its step callbacks fall among the evaluations (:func:`steps_from_events`).
+    During sampling, evaluation ``k`` belongs to the step recorded for it as
+    long as its sigma is the recorded one. Where the sampler cannot be dry-run,
+    its steps are adaptive, or an evaluation leaves the recorded path, the
+    evaluation's step is the schedule interval that holds its sigma
+    (:func:`interval_step`): right for single-evaluation and midpoint samplers,
+    while Heun's corrector would then take the next step's lambda.
+    """
+
+    def __init__(self, sigmas):
+        self.sigmas = [float(s) for s in sigmas]
+        self.recorded = None  # [(sigma, step)] of the dry run
+        self.count = 0
+        self.fallback = False
+
+    @property
+    def steps(self):
+        return max(len(self.sigmas) - 1, 0)
+
+    def learn(self, sampler, model_patcher, noise, latent_image, seed):
+        if self.steps == 0:
+            return
+        probe = _Probe(model_patcher)
+        try:
+            buffers = list(model_patcher.get_model_object("model_sampling").buffers())
+            device = buffers[0].device if buffers else torch.device("cpu")
+            corner = (slice(0, 1), slice(None)) + tuple(slice(0, 1) for _ in noise.shape[2:])
+            tiny_noise = noise[corner].to(device)
+            tiny_latent = latent_image[corner].to(device=device, dtype=tiny_noise.dtype)
+            sigmas = torch.tensor(self.sigmas, dtype=torch.float32, device=device)
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                sampler.sample(probe, sigmas, {"model_options": {}, "seed": seed}, probe.callback, tiny_noise,
+                               tiny_latent, None, True)
+        except Exception as error:  # a sampler that cannot run on the stand-in: per-interval steps
+            logging.info("interleaved guidance: the sampler could not be dry-run (%s); lambda is drawn per "
+                         "schedule interval", error)
+            return
+        owners = steps_from_events(probe.events, self.steps)
+        if owners is not None:
+            self.recorded = [(sigma, step) for (_, sigma), step in
+                             zip([e for e in probe.events if e[0] == "eval"], owners)]
+
+    def step_of(self, sigma):
+        """The step of the next evaluation, at ``sigma``."""
+        k, self.count = self.count, self.count + 1
+        if not self.fallback and self.recorded is not None and k < len(self.recorded):
+            recorded_sigma, step = self.recorded[k]
+            if math.isclose(recorded_sigma, sigma, rel_tol=1e-3, abs_tol=1e-6):
+                return step
+        self.fallback = True
+        return interval_step(self.sigmas, sigma)
+
+
+class InterleavedCFGGuider(comfy.samplers.CFGGuider):
+    """A GUIDER that applies Eq. 4-6, with one lambda draw per sampler step.
+
+    The lambda draws come from a generator seeded with the sampler's seed, so a
+    run is reproducible and independent of the global RNG. After a run,
+    ``choices`` lists the equation of each model evaluation and ``steps`` the
+    sampler step it belonged to. w_r None (or -1) means the same as cfg.
+    """
+
+    def __init__(self, model_patcher, w_r=None, p_r=0.9, delta_t=0, delta_t_prime=0, none_disables_encoder=False):
         super().__init__(model_patcher)
-        self.w_r, self.p_r = float(w_r), float(p_r)
+        self.w_r = None if w_r is None or w_r == SAME_AS_CFG else float(w_r)
+        self.p_r = float(p_r)
         self.delta_t, self.delta_t_prime = float(delta_t), float(delta_t_prime)
         self.none_disables_encoder = bool(none_disables_encoder)
-        self.choices = []
-        self._generator = torch.Generator().manual_seed(0)
+        self.choices, self.steps = [], []
+        self._clock, self._draws = StepClock([]), []
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                disable_pbar=False, seed=None):
-        self._generator = torch.Generator().manual_seed(int(seed or 0))
-        self.choices = []
+        self.choices, self.steps = [], []
+        self._clock = StepClock(sigmas.flatten().tolist())
+        self._clock.learn(sampler, self.model_patcher, noise, latent_image, seed)
+        self._draws = lambda_draws(seed, self._clock.steps)
         try:
             return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
                                   callback=callback, disable_pbar=disable_pbar, seed=seed)
@@ -126,12 +274,13 @@ class InterleavedCFGGuider(comfy.samplers.CFGGuider):
         last = {}
 
         def evaluate(pairs):
-            conds = [texts[text] for text, _ in pairs]
+            conds = [None if pair is None else texts[pair[0]] for pair in pairs]
             options = dict(model_options)
             transformer_options = dict(options.get("transformer_options", {}))
-            transformer_options[PLAN_KEY] = {i: levels[ref] for i, (_, ref) in enumerate(pairs)}
+            transformer_options[PLAN_KEY] = {i: levels[pair[1]] for i, pair in enumerate(pairs) if pair is not None}
             if self.none_disables_encoder:
-                transformer_options[ENCODER_OFF_KEY] = {i for i, (_, ref) in enumerate(pairs) if ref is None}
+                transformer_options[ENCODER_OFF_KEY] = {
+                    i for i, pair in enumerate(pairs) if pair is not None and pair[1] is None}
             options["transformer_options"] = transformer_options
             out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
             for fn in model_options.get("sampler_pre_cfg_function", []):
@@ -144,9 +293,13 @@ class InterleavedCFGGuider(comfy.samplers.CFGGuider):
             return comfy.samplers.cfg_function(self.inner_model, a, b, w, x, timestep, model_options=last["options"],
                                                cond=last["conds"][0], uncond=last["conds"][1])
 
-        lam = float(torch.rand((), generator=self._generator))
-        prediction, equation = interleaved_cfg(lam, self.p_r, self.w_r, self.cfg, evaluate, combine)
+        step = self._clock.step_of(float(sigma))
+        lam = self._draws[step] if step < len(self._draws) else lambda_draws(seed, step + 1)[step]
+        w_r = self.cfg if self.w_r is None else self.w_r
+        skip = not model_options.get("disable_cfg1_optimization", False)
+        prediction, equation = interleaved_cfg(lam, self.p_r, w_r, self.cfg, evaluate, combine, skip_unit_scale=skip)
         self.choices.append(equation)
+        self.steps.append(step)
         return prediction
 
 
@@ -156,12 +309,12 @@ def sample_interleaved(model, seed, steps, cfg, sampler_name, scheduler, positiv
     """What the core KSampler does, with the interleaved guider in place of plain CFG.
 
     latent: a LATENT dict (``samples``, optional ``noise_mask`` and ``batch_index``).
-    w_r: the reference guidance scale; None uses ``cfg`` (METHOD.md default).
-    Returns (LATENT dict, the guider, whose ``choices`` list the equation of each evaluation).
+    w_r: the reference guidance scale; None or -1 use ``cfg`` (METHOD.md default).
+    Returns (LATENT dict, the guider, whose ``choices`` and ``steps`` list the equation and the
+    sampler step of each evaluation).
     """
     import comfy.sample
 
-    w_r = cfg if w_r is None else w_r
     check_settings(model, negative, p_r, w_r, cfg, delta_t, delta_t_prime)
     latent_image = latent["samples"]
     fix_channels = getattr(comfy.sample, "fix_empty_latent_channels", None)

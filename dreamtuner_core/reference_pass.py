@@ -191,16 +191,7 @@ class SelfSubjectAttentionReplace:
             # ``q.shape[0]`` consecutive chunks (its reshape by the query batch). Do the same here.
             k, v = k.reshape(q.shape[0], -1, k.shape[-1]), v.reshape(q.shape[0], -1, v.shape[-1])
         if k.shape[0] != n + len(call.reference_rows):
-            # A tiling patch (HyperTile) splits each generated item into consecutive tiles before this
-            # layer; every tile of an item reads that item's reference features.
-            tiles = k.shape[0] // n if n and not call.reference_rows else 0
-            if not tiles or tiles * n != k.shape[0]:
-                raise RuntimeError(
-                    f"Self-subject-attention expected {n + len(call.reference_rows)} rows in self-attention layer "
-                    f"{'.'.join(map(str, layer or ()))} and got {k.shape[0]}: another patch on this model changes "
-                    "the batch inside the UNet. Remove that patch or exclude these blocks in the 'blocks' input "
-                    "of Self-Subject-Attention.")
-            n, groups = k.shape[0], [(start * tiles, end * tiles, sigma) for start, end, sigma in groups]
+            n, groups = self._regroup(k.shape[0], call, layer)
         if call.reference_rows:
             self._record(k, v, call, layer)
         # Runs of rows with the same features; rows without any (self-subject-attention off for that
@@ -222,6 +213,29 @@ class SelfSubjectAttentionReplace:
             else:
                 outputs.append(self_subject_attention(qs, ks, vs, *features, heads, biased, **biased_kwargs))
         return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def _regroup(rows, call, layer):
+        """(n, groups) for a call whose row count is not the planned one, when that is unambiguous.
+
+        A tiling patch (HyperTile) splits each generated item into consecutive tiles: every tile reads
+        its item's features. Another pack may call the attention itself on part of the rows
+        (Advanced-ControlNet's Reference ControlNet runs the uncond rows again): when every generated
+        row reads the same features, any rows do.
+        """
+        n, groups = call.n_generated, call.groups
+        tiles = rows // n if n and not call.reference_rows else 0
+        if tiles and tiles * n == rows:
+            return rows, [(start * tiles, end * tiles, sigma) for start, end, sigma in groups]
+        levels = {sigma for _, _, sigma in groups}
+        if not call.reference_rows and len(levels) == 1:
+            return rows, [(0, rows, levels.pop())]
+        raise DreamTunerInputError(
+            f"Self-Subject-Attention planned {n + len(call.reference_rows)} rows for self-attention layer "
+            f"{'.'.join(map(str, layer or ()))} but another patch on this model called it with {rows}, and the rows "
+            "read different reference features (interleaved guidance's Eq. 4 evaluates the prompt with and "
+            "without the reference in one call). Advanced-ControlNet's Reference ControlNet does this: use the "
+            "core KSampler (or p_r 0) with it, or exclude these blocks in Self-Subject-Attention's 'blocks' input.")
 
     @staticmethod
     def _record(k, v, call, layer):

@@ -66,6 +66,9 @@ class SubjectEncoderPatch:
 
     def __init__(self, encoder: SubjectEncoder, tokens, beta, sigma_start, sigma_end):
         self.beta, self.sigma_start, self.sigma_end = float(beta), sigma_start, sigma_end
+        # The encoder as loaded (on the CPU, the loader node's own output): DreamTunerFinetune tunes its
+        # ResBlocks from it. Sampling uses only ``layers``.
+        self.encoder, self.tokens = encoder, tokens  # SE(r) [1, T, context], on the CPU
         self.layers = nn.ModuleDict({name: AppliedAttention(attention, tokens)
                                      for name, attention in encoder.attention.items()})
         self._patcher = None
@@ -141,6 +144,7 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
     with torch.no_grad():
         tokens = encoder.encode(features.float().cpu()).mean(dim=0, keepdim=True)
     patch = SubjectEncoderPatch(encoder, tokens, beta, sigma_start, sigma_end)
+    patch.features = features.float().cpu()  # DreamTunerFinetune re-encodes them with trained ResBlocks
     clone = model.clone()
     clone.set_model_patch(patch, "middle_patch")
     return clone, prepared

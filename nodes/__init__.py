@@ -3,6 +3,8 @@
 from .interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
 from .self_subject_attention import SelfSubjectAttentionPatch
 from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
+from .fidelity import ScoringModelsLoader, SubjectScore
+from .finetune import DreamTunerFinetune
 
 register_model_folder()
 
@@ -12,6 +14,9 @@ NODE_CLASS_MAPPINGS = {
     "DreamTunerInterleavedCFGGuider": InterleavedCFGGuider,
     "DreamTunerSubjectEncoderLoader": SubjectEncoderLoader,
     "DreamTunerApplySubjectEncoder": ApplySubjectEncoder,
+    "DreamTunerScoringModelsLoader": ScoringModelsLoader,
+    "DreamTunerSubjectScore": SubjectScore,
+    "DreamTunerFinetune": DreamTunerFinetune,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamTunerInterleavedCFGGuider": "InterleavedCFGGuider (DreamTuner)",
     "DreamTunerSubjectEncoderLoader": "SubjectEncoderLoader (DreamTuner)",
     "DreamTunerApplySubjectEncoder": "ApplySubjectEncoder (DreamTuner)",
+    "DreamTunerScoringModelsLoader": "Scoring Models Loader (DreamTuner)",
+    "DreamTunerSubjectScore": "Subject Score (DreamTuner)",
+    "DreamTunerFinetune": "Finetune subject (DreamTuner)",
 }

@@ -9,13 +9,14 @@ from ..dreamtuner_core.interleaved_cfg import check_settings, sample_interleaved
 CATEGORY = "DreamTuner"
 
 GUIDANCE_INPUTS = {
-    "w_r": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
-        "Reference guidance scale w_r (Eq. 4): how strongly self-subject-attention pulls toward the "
-        "subject, against the same prompt without it. The paper's default is the same value as cfg. "
+    "w_r": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
+        "-1: same as cfg (the paper's setting). Otherwise the reference guidance scale w_r (Eq. 4): how "
+        "strongly self-subject-attention pulls toward the subject, against the same prompt without it. "
         "1 = no extra pull; values below 1 weaken the reference, 0 removes it in Eq. 4 steps.")}),
     "p_r": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
         "Probability of using reference guidance (Eq. 4) at a step; otherwise text guidance (Eq. 5) "
-        "is used. Paper: 0.9. 1 = always Eq. 4 (negative unused); 0 = always Eq. 5 (plain CFG with "
+        "is used, drawn once per sampler step (all model evaluations of a Heun or DPM2 step use the same "
+        "equation). Paper: 0.9. 1 = always Eq. 4 (negative unused); 0 = always Eq. 5 (plain CFG with "
         "self-subject-attention on both branches).")}),
     "delta_t": ("INT", {"default": 0, "min": 0, "max": 999, "tooltip": (
         "dt: the conditional branch reads the reference noised to timestep t - dt (less noise), in steps "

@@ -231,7 +231,7 @@ NOTE_1 = """
 2. **Positive prompt**: describe the subject in the new scene, pose or style.
 3. **Self-Subject-Attention**: `omega_ref` 3.0 (paper; 2.5 for anime). Higher keeps more identity and details,
    too high lowers quality.
-4. **Interleaved CFG sampler**: `p_r` 0.9 and `w_r` = `cfg` as in the paper.
+4. **Interleaved CFG sampler**: `p_r` 0.9 and `w_r` -1, which means the same as `cfg`, as in the paper.
 
 Models: `{ckpt}` in models/checkpoints, `{vision}` in models/clip_vision, the encoder in models/dreamtuner.
 """ + NOTE_ENCODER
@@ -356,12 +356,74 @@ def workflow_5(object_info):
                        (neg, "CONDITIONING"), latent, "dreamtuner/references")
 
 
+NOTE_6 = """
+## DreamTuner: fine-tune on your subject, then generate (paper 3.3)
+
+One graph, three stages, left to right:
+
+1. **Regular images**: the class prompt ("a photo of a plush toy") sampled 32 times (paper) with
+   Self-Subject-Attention (`omega_ref` 3.0, no mask) by the core KSampler.
+2. **Finetune subject**: trains a LoRA and the `[S*]` token on the subject (background made white with its
+   alpha) and the regular images. It writes `models/loras/my_plush_toy.safetensors` and
+   `models/embeddings/my_plush_toy.safetensors`; later graphs load them with LoraLoader and write
+   `embedding:my_plush_toy` in a prompt. Re-queueing loads the files instead of training again.
+3. **Generate**: "a photo of a plush toy embedding:my_plush_toy ..." with Self-Subject-Attention and the
+   interleaved CFG sampler.
+
+**Change**: the subject PNG; `class_word` and the class word in both prompts (e.g. "dog"); `subject_name`
+(a new name per subject); the scene prompt. `overwrite` is on here, so a changed input retrains under
+the same name; turn it off to protect a finished subject's files.
+
+**Time**: the paper's run (SD1.5, 512 px, 800 steps) is GPU work (the target: about 5 minutes on one
+H100-class GPU; the README's benchmark gives measured step times). On a CPU, try the graph with `steps` 20,
+a 256 px subject and 4 regular images. The 32 regular images take as long as 32 ordinary images.
+`gradient_checkpointing` trades about a third more time for much less memory.
+
+Model: `{ckpt}` in models/checkpoints.
+"""
+CLASS_WORD, SUBJECT_NAME = "plush toy", "my_plush_toy"
+
+
+def workflow_6(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_6.format(ckpt=SD15), height=620)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    # 1. regular images: "a <class word>", self-subject-attention without a mask, batch 32
+    regular_pos, regular_neg = _prompts(g, 2, ckpt, positive=f"a photo of a {CLASS_WORD}")
+    regular_latent = g.add("EmptyLatentImage", 2, title="32 regular images", width=512, height=512, batch_size=32)
+    regular_ssa = g.add("DreamTunerSelfSubjectAttention", 3, title="Self-Subject-Attention (regular images)",
+                        model=(ckpt, "MODEL"), reference=(reference, "LATENT"), omega_ref=3.0)
+    regular = g.add("KSampler", 3, title="Regular images", model=(regular_ssa, "model"),
+                    positive=(regular_pos, "CONDITIONING"), negative=(regular_neg, "CONDITIONING"),
+                    latent_image=(regular_latent, "LATENT"), seed=1234, steps=25, cfg=7.0,
+                    sampler_name="euler_ancestral", scheduler="karras")
+    regular_images = g.add("VAEDecode", 3, samples=(regular, "LATENT"), vae=(ckpt, "VAE"))
+    # 2. fine-tuning
+    tuned = g.add("DreamTunerFinetune", 4, model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), vae=(ckpt, "VAE"),
+                  reference=(subject, "IMAGE"), regular_images=(regular_images, "IMAGE"), mask=(subject, "MASK"),
+                  mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, overwrite=True,
+                  box_height=560)
+    g.add("PreviewImage", 4, title="Loss curve", box_height=300, images=(tuned, "loss_curve"))
+    # 3. generation with [S*], self-subject-attention and interleaved guidance
+    pos = g.add("CLIPTextEncode", 5, title="Positive prompt", color=GREEN, box_height=160, clip=(tuned, "clip"),
+                text=f"a photo of a {CLASS_WORD} embedding:{SUBJECT_NAME} sitting on the moon, earth in the sky")
+    neg = g.add("CLIPTextEncode", 5, title="Negative prompt", color=RED, box_height=130, clip=(tuned, "clip"),
+                text=NEGATIVE)
+    latent = g.add("EmptyLatentImage", 5, width=512, height=512)
+    ssa = _ssa(g, 6, (tuned, "model"), reference, (subject, "MASK"))
+    samples = _sampler(g, 6, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
+    _finish(g, 7, (samples, "LATENT"), ckpt, "dreamtuner/finetuned")
+    return g.workflow()
+
+
 WORKFLOWS = {
     "1_single_image_new_scenes": workflow_1,
     "2_controlnet_layout": workflow_2,
     "3_sdxl_training_free": workflow_3,
     "4_guider_custom_sampling": workflow_4,
     "5_several_references": workflow_5,
+    "6_finetune_then_generate": workflow_6,
 }
 
 

@@ -17,6 +17,7 @@ import torch
 
 import comfy.clip_vision
 import tiny_models as tm
+from tolerances import assert_rounding_close, network_shape
 from comfyui_dreamtuner.dreamtuner_core.clip_features import (
     clip_layer_features, clip_vision_shape, open_clip_layer_features)
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
@@ -135,7 +136,8 @@ def test_open_clip_sequence_first_and_batch_first_layouts_agree(open_clip):
     seq_first.load_state_dict(visual.transformer.state_dict())
     visual.transformer = seq_first
     assert batch_first.shape == (3, 5, 3 * 32)
-    torch.testing.assert_close(open_clip_layer_features(visual, pixels, [4, 0, 2]), batch_first)
+    # The same weights in another memory layout (sequence-first matmuls): rounding of the tower only.
+    assert_rounding_close(open_clip_layer_features(visual, pixels, [4, 0, 2]), batch_first, *network_shape(visual))
     with pytest.raises(DreamTunerInputError, match=r"at least 5 layers.*open_clip vision tower has 4 layers"):
         open_clip_layer_features(visual, pixels, [5])
 
@@ -188,4 +190,5 @@ def test_open_clip_vit_h_and_the_hosts_conversion_give_the_same_features(vit_h):
     reference = open_clip_layer_features(visual, host_pixels(host, img), PAPER_LAYERS)
 
     assert features.shape == (1, 257, 5 * 1280)
-    torch.testing.assert_close(features, reference, atol=1e-4, rtol=1e-4)
+    # Two implementations of ViT-H/14 (the host's and open_clip's) with the same weights: rounding only.
+    assert_rounding_close(features, reference, *network_shape(visual))

@@ -13,6 +13,7 @@ from comfyui_dreamtuner.dreamtuner_core import host
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.dreamtuner_core.reference_pass import ReferenceBatchWrapper
 from test_self_subject_attention import evaluation_features, ssa
+from tolerances import assert_network_outputs_close
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_controlnet_from_the_host_loader_drives_the_image_not_the_reference(narr
         tm.sample(patched, pos, neg, latent, steps=1)
     (with_control,), (without,) = seen[0].values(), seen[1].values()
     for layer in without.layers():
-        torch.testing.assert_close(with_control.get(layer)[0], without.get(layer)[0], atol=1e-5, rtol=1e-5)
+        # Same reference row, other batch companions (the controlled rows): rounding only.
+        assert_network_outputs_close(with_control.get(layer)[0], without.get(layer)[0], model.model.diffusion_model)
 
 
 def test_lora_from_the_host_loader_in_either_order(tmp_path):

@@ -89,3 +89,24 @@ def test_hypertile_tiles_read_their_items_reference(sd15, monkeypatch):
     # Each item's tiles together hold its tokens, and every tile reads all of the (same-sized) reference's.
     assert {ref for _, _, ref in tiled} == {256, 64}
     assert all(batch % 2 == 0 and tokens * batch // 2 == ref for batch, tokens, ref in tiled)
+
+
+def test_a_pack_calling_the_attention_on_part_of_the_rows_gets_eq3_for_them():
+    """Advanced-ControlNet's Reference ControlNet calls the attention replacement itself, again on the uncond
+    rows only: those rows read the features the plan gives every row."""
+    from comfyui_dreamtuner.dreamtuner_core.reference_pass import (
+        CALL_KEY, CallPlan, ReferenceFeatures, SelfSubjectAttentionReplace)
+    from comfyui_dreamtuner.dreamtuner_core.self_subject_attention import reference_tokens, self_subject_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 32, generator=g) for _ in range(3))
+    k_r, v_r = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    features = ReferenceFeatures()
+    features.add(("input", 1, 0), *reference_tokens(k_r, v_r, torch.ones(16), 3.0))
+    options = {"n_heads": 4, "block": ("input", 1), "block_index": 0, "attn_precision": None}
+    same = CallPlan(n_generated=2, groups=[(0, 2, 1.0)], reference_rows=[], levels={1.0: features})
+    out = SelfSubjectAttentionReplace()(q, k, v, dict(options, **{CALL_KEY: same}))
+    assert torch.equal(out, self_subject_attention(q, k, v, *features.get(("input", 1, 0)), 4))
+    mixed = CallPlan(n_generated=2, groups=[(0, 1, 1.0), (1, 2, None)], reference_rows=[], levels={1.0: features})
+    with pytest.raises(DreamTunerInputError, match="Reference ControlNet.*KSampler"):
+        SelfSubjectAttentionReplace()(q, k, v, dict(options, **{CALL_KEY: mixed}))

@@ -7,7 +7,8 @@ import tiny_models as tm
 from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
 
 HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN", "IMAGE",
-              "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER"}
+              "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER", "CLIP", "VAE"}
+HOST_TYPES |= {"DREAMTUNER_SCORING_MODELS"}  # the pack's own: Scoring Models Loader -> Subject Score
 
 
 def test_the_pack_exports_its_nodes_with_display_names():

@@ -233,3 +233,107 @@ def image(seed, height=32, width=32, batch=1):
     """An IMAGE (ComfyUI layout [B, H, W, 3] in [0, 1])."""
     generator = torch.Generator().manual_seed(seed)
     return torch.rand((batch, height, width, 3), generator=generator)
+
+
+# A small SD1-style CLIP text model (the host's own CLIPTextModel class, the real CLIP tokenizer and
+# vocabulary, hidden width 32 to match SD15_TINY's context_dim).
+CLIP_TEXT_TINY = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1,
+    "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408,
+}
+
+
+def clip_text(embedding_directory=None, width=32, seed=31):
+    """A host CLIP (comfy.sd.CLIP: SD1 tokenizer + SD1ClipModel) with a small text model, seeded fp32 weights."""
+    import functools
+    import json
+    import tempfile
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    config = dict(CLIP_TEXT_TINY, hidden_size=width, projection_dim=width, intermediate_size=2 * width)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(config, handle)
+    tokenizer_path = clip_tokenizer_dir()
+    tokenizer = comfy.sd1_clip.SD1Tokenizer
+    if tokenizer_path is not None:
+        tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
+            comfy.sd1_clip.SDTokenizer, tokenizer_path=tokenizer_path))
+    target = comfy.supported_models_base.ClipTarget(
+        tokenizer,
+        functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=functools.partial(
+            comfy.sd1_clip.SDClipModel, textmodel_json_config=handle.name)))
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory)
+    init_weights(clip.cond_stage_model, seed)
+    clip.cond_stage_model.to(torch.float32)
+    return clip
+
+
+def vae(seed=41):
+    """A host VAE (comfy.sd.VAE) with a small SD-style autoencoder (8x downscale, 4 latent channels)."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    params = {"ddconfig": ddconfig, "embed_dim": 4}
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(**params)
+    init_weights(model, seed)
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": params}, dtype=torch.float32)
+
+
+def _bytes_to_unicode():
+    """CLIP's byte -> printable character table (as in the BPE tokenizer CLIP was trained with)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_tokenizer_dir():
+    """A folder with CLIP's vocab.json and merges.txt for the host's SDTokenizer.
+
+    The late-2024 core's package (notcomfy) ships comfy/sd1_tokenizer without its vocabulary, so its
+    tokenizer knows no words. The same vocabulary is rebuilt here from open_clip's BPE file (CLIP's
+    original merges): 256 byte tokens, their '</w>' forms, one token per merge, then the two specials.
+    Current ComfyUI ships the files; they are used as they are.
+    """
+    import gzip
+    import json
+    import os
+    import pathlib
+
+    import comfy.sd1_clip
+
+    shipped = pathlib.Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+    if (shipped / "vocab.json").exists():
+        return None
+    cache = pathlib.Path(os.path.expanduser("~/.cache/comfyui-dreamtuner/clip_tokenizer"))
+    if not (cache / "vocab.json").exists():
+        import open_clip
+
+        bpe = pathlib.Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        vocab = list(_bytes_to_unicode().values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+        (cache / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            source = shipped / name
+            if source.exists():
+                (cache / name).write_text(source.read_text())
+    return str(cache)

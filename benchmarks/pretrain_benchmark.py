@@ -1,0 +1,155 @@
+"""Pretraining throughput: samples/s at one and two processes (scaling efficiency), and on a GPU at 512 px.
+
+    python benchmarks/pretrain_benchmark.py                 # CPU: smoke-size models, 32 px, 1 vs 2 gloo processes
+    python benchmarks/pretrain_benchmark.py --gpu           # one GPU: full-size SD1.5 / ViT-H shapes, 512 px,
+                                                            # global batch 16, samples/s and peak memory
+
+Models are random-weight files in the real formats (scripts/make_pretrain_smoke_files.py; with --gpu the
+full-size SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet of tests/tier2_assets.py), loaded by
+the host's loaders. Each measurement runs ``--steps`` optimizer steps after one warm-up step; the figure is
+samples / wall time of the measured steps (the slowest rank). Scaling efficiency = samples/s at 2 processes /
+(2 x samples/s at 1 process), both measured in the same run. Where the host lacks CLIP-L's tokenizer (the PyPI
+comfy core) a fixed caption embedding stands in for the text encoder (noted in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _setup_host():
+    sys.path.insert(0, os.getcwd())
+    if not torch.cuda.is_available():
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+    sys.path.append(str(ROOT))
+    sys.path.append(str(ROOT / "tests"))
+    sys.path.append(str(ROOT / "scripts"))
+
+
+def _host_has_clip_text():
+    import comfy.sd1_clip
+
+    return os.path.exists(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json"))
+
+
+def _measure(rank, world_size, port, kwargs, steps, result):
+    """One rank: build the trainer, one warm-up step, then time ``steps`` steps; rank 0 writes the result."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    if world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    _setup_host()
+    import torch.distributed as dist
+    from dreamtuner_core.pretrain import Trainer, TrainConfig, setup_world
+    from pretrain_worker import caption_conditioning
+
+    world = setup_world()
+    text = None if _host_has_clip_text() else caption_conditioning
+    trainer = Trainer(TrainConfig(**kwargs), world, text)
+    batches = trainer.batches()
+    trainer.train_step([next(batches) for _ in range(trainer.accumulation)])
+    if world.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    world.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step([next(batches) for _ in range(trainer.accumulation)])
+    if world.device.type == "cuda":
+        torch.cuda.synchronize()
+    world.barrier()
+    elapsed = time.perf_counter() - start
+    if world.main:
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if world.device.type == "cuda" else None
+        with open(result, "w") as handle:
+            handle.write(f"{steps * trainer.config.global_batch / elapsed} {peak} {int(text is None)}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(world_size, kwargs, steps):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        result = os.path.join(folder, "result")
+        kwargs = dict(kwargs, out=os.path.join(folder, "run"))
+        if world_size == 1:
+            _measure(0, 1, port, kwargs, steps, result)
+        else:
+            mp.spawn(_measure, args=(world_size, port, kwargs, steps, result), nprocs=world_size, join=True)
+        rate, peak, real_text = open(result).read().split()
+    return float(rate), (None if peak == "None" else float(peak)), real_text == "1"
+
+
+def gpu_files(folder):
+    """Full-size random-weight SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet (tests/tier2_assets)."""
+    import make_pretrain_smoke_files
+    import tier2_assets
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"checkpoint": folder / "sd15.safetensors", "controlnet": folder / "controlnet.safetensors",
+             "clip_vision": folder / "vit_h.safetensors", "data": folder / "data"}
+    for key, maker in (("checkpoint", tier2_assets.sd15_checkpoint), ("controlnet", tier2_assets.sd15_controlnet),
+                       ("clip_vision", tier2_assets.vit_h_clip_vision)):
+        if not files[key].exists():
+            maker(str(files[key]))
+    make_pretrain_smoke_files.data(files["data"], count=32, size=512)
+    return {k: str(v) for k, v in files.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after one warm-up step)")
+    parser.add_argument("--files", default=None, help="folder for the model files (default: the test cache)")
+    parser.add_argument("--gpu", action="store_true", help="measure on one GPU at 512 px, global batch 16")
+    args = parser.parse_args(argv)
+    _setup_host()
+    cache = pathlib.Path(args.files or pathlib.Path.home() / ".cache" / "comfyui-dreamtuner")
+    base = dict(size=32, global_batch=4, batch_per_device=2, lr=1e-5, max_steps=10 ** 6, checkpoint_every=10 ** 6,
+                workers=0, progress=False, encoder_dtype="float32")
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("no GPU is present on this machine: the GPU figures (512 px, global batch 16) need one")
+            return
+        files = gpu_files(cache / "pretrain_gpu_v1")
+        for batch in (1, 2, 4):
+            kwargs = dict(base, **files, size=512, global_batch=16, batch_per_device=batch, workers=4)
+            rate, peak, real = run(1, kwargs, args.steps)
+            print(f"GPU {torch.cuda.get_device_name()}: 512 px, global batch 16 (per-step batch {batch}, "
+                  f"accumulation {16 // batch}), bf16 autocast: {rate:.2f} samples/s, peak {peak:.1f} GiB allocated"
+                  + ("" if real else " (fixed caption embedding)"))
+        return
+
+    import make_pretrain_smoke_files
+
+    files = make_pretrain_smoke_files.make_all(cache / "pretrain_smoke_v1", images=8, size=32)
+    kwargs = dict(base, **files)
+    one, _, real = run(1, kwargs, args.steps)
+    two, _, _ = run(2, kwargs, args.steps)
+    print(f"CPU ({os.cpu_count()} cores), smoke-size models, 32 px, global batch 4"
+          + ("" if real else ", fixed caption embedding (this comfy core has no CLIP-L tokenizer)"))
+    print(f"  1 process : {one:.3f} samples/s (1.00x)")
+    print(f"  2 processes (gloo): {two:.3f} samples/s ({two / one:.2f}x; scaling efficiency {two / (2 * one):.0%})")
+    if not torch.cuda.is_available():
+        print("no GPU is present on this machine: run with --gpu on a CUDA machine for the 512 px figures")
+
+
+if __name__ == "__main__":
+    main()

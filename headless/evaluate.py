@@ -1,0 +1,461 @@
+"""Measure subject fidelity (CLIP-I, DINO) and prompt fidelity (CLIP-T) on DreamBench or on any folders.
+
+    python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ViT-B-32.safetensors --dino dino-vits16/
+    python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ... \\
+        --workflow workflows/dreamtuner_3_sdxl_training_free.json --comfyui /path/to/ComfyUI \\
+        --sweep omega_ref=0,1.5,3,4.5 beta=0,0.2,0.5
+    python scripts/evaluate.py --generated MY_IMAGES --real MY_SUBJECT --prompts prompts.txt --clip ...
+
+DreamBench mode reads the dataset of DreamBooth (a folder per subject with its
+real images) and the protocol's subjects, classes and 25 prompts per subject
+(object or live-subject list), shipped in dreamtuner_core/data/dreambench.json.
+Generated images live in OUT/SETTING/SUBJECT/PP_SEED.png (PP the prompt's
+index); with --workflow the missing ones are generated first through the
+pack's headless runner (resumable: images already there are kept), for every
+setting of --sweep (the product of the values), subject, prompt and seed.
+The subject's first real image (sorted by name) is the single reference.
+
+Writes into --output (default OUT): fidelity.csv (one row per image),
+fidelity.md (per setting overall, objects and live, and per subject, beside
+DreamTuner's Table 1) and fidelity_plot.png (CLIP-I and DINO against CLIP-T,
+one point per setting, with the paper's points; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+try:
+    from ..dreamtuner_core import dreambench, fidelity
+    from ..dreamtuner_core.errors import DreamTunerInputError
+except ImportError:  # 'headless' imported as a top-level package by scripts/evaluate.py
+    from dreamtuner_core import dreambench, fidelity
+    from dreamtuner_core.errors import DreamTunerInputError
+
+DEFAULT_SETTING = "default"
+CSV_NAME, TABLE_NAME, PLOT_NAME = "fidelity.csv", "fidelity.md", "fidelity_plot.png"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: widget values set on every node that has the widget (or on NODE_ID.NAME)."""
+
+    values: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values) or DEFAULT_SETTING
+
+    @property
+    def folder(self) -> str:
+        text = "_".join(f"{k}={v}" for k, v in self.values) or DEFAULT_SETTING
+        return "".join(c if c.isalnum() or c in "._=-" else "-" for c in text)
+
+
+@dataclass
+class Job:
+    """One image to have: what to generate, where it goes, and what scores it."""
+
+    setting: Setting
+    subject: str
+    class_word: str
+    live: Optional[bool]
+    prompt_index: int
+    prompt: str  # the generation prompt (with the identifier)
+    score_prompt: str  # the prompt CLIP-T reads (identifier removed)
+    seed: Optional[int]
+    reference: pathlib.Path
+    target: pathlib.Path
+    real: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split(
+                                         "\n\n", 2)[2])
+    data = parser.add_argument_group("images")
+    data.add_argument("--dreambench", type=pathlib.Path, metavar="DATASET",
+                      help="DreamBooth's dataset folder (a folder of real images per subject)")
+    data.add_argument("--generated", type=pathlib.Path, required=True,
+                      help="the generated images (DreamBench: OUT/SETTING/SUBJECT/PP_SEED.png; else any folder)")
+    data.add_argument("--real", type=pathlib.Path, help="folder mode: the real images of the subject")
+    data.add_argument("--prompts", type=pathlib.Path,
+                      help="folder mode: .txt (one prompt per generated image, or one for all) or .csv (file,prompt)")
+    data.add_argument("--subjects", help="DreamBench: a comma list of subjects (default: all 30)")
+    data.add_argument("--prompts-per-subject", type=int, default=None,
+                      help="DreamBench: only the first N prompts of each subject (default: all 25)")
+    data.add_argument("--images-per-prompt", type=int, default=None, help="seeds per prompt (default: 4)")
+    data.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
+    data.add_argument("--token", default="", help="the subject identifier put before the class word in the "
+                      "generation prompt (e.g. an embedding of a fine-tuned [S*]); CLIP-T reads the prompt without it")
+    gen = parser.add_argument_group("generation (optional): a workflow run through the headless runner")
+    gen.add_argument("--workflow", type=pathlib.Path, help="a workflow file saved by the web UI; generates the "
+                     "missing images (its subject LoadImage gets the reference, its positive prompt the prompt)")
+    gen.add_argument("--comfyui", type=pathlib.Path, help="the ComfyUI installation to start")
+    gen.add_argument("--server", help="or a running ComfyUI, e.g. http://127.0.0.1:8188")
+    gen.add_argument("--python", help="that installation's Python (default: its venv/.venv, else this one)")
+    gen.add_argument("--cpu", action="store_true", help="pass --cpu to ComfyUI")
+    gen.add_argument("--comfy-arg", action="append", default=[], metavar="ARG", help="another argument for main.py")
+    gen.add_argument("--sweep", nargs="+", default=[], metavar="NAME=V1,V2",
+                     help="widget values to sweep, e.g. omega_ref=0,1.5,3 beta=0,0.2 (every node with the widget; "
+                     "NODE_ID.NAME for one node); one setting per combination")
+    gen.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                     help="a fixed widget value for every run (repeatable)")
+    gen.add_argument("--negative", help="the negative prompt")
+    gen.add_argument("--steps", type=int, help="sampling steps")
+    gen.add_argument("--size", help="WIDTHxHEIGHT of the generated images")
+    gen.add_argument("--timeout", type=float, default=3600, help="seconds to wait for one image")
+    score = parser.add_argument_group("scoring models (local files; nothing is downloaded)")
+    score.add_argument("--clip", type=pathlib.Path, help="open_clip weights (.safetensors) for CLIP-I and CLIP-T")
+    score.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip (protocol: ViT-B-32)")
+    score.add_argument("--dino", type=pathlib.Path, help="folder with config.json + model.safetensors of DINO ViT-S/16")
+    score.add_argument("--device", default="cpu", help="torch device for scoring (cpu, cuda)")
+    parser.add_argument("--output", type=pathlib.Path, help="folder for the CSV, table and plot (default: --generated)")
+    args = parser.parse_args(argv)
+    if args.dreambench is None and (args.real is None or args.prompts is None):
+        parser.error("give --dreambench DATASET, or --real FOLDER and --prompts FILE for a pair of folders")
+    if args.dreambench is not None and (args.real is not None or args.prompts is not None):
+        parser.error("--real/--prompts are for a pair of folders; DreamBench mode reads the protocol's prompts")
+    if args.clip is None and args.dino is None:
+        parser.error("give --clip (CLIP-I, CLIP-T) and/or --dino (DINO): no metric to compute otherwise")
+    if args.workflow is not None and (args.comfyui is None) == (args.server is None):
+        parser.error("--workflow needs either --comfyui PATH or --server URL")
+    if args.dreambench is None and (args.workflow or args.sweep):
+        parser.error("--workflow/--sweep generate DreamBench images: give --dreambench DATASET")
+    for name in ("prompts_per_subject", "images_per_prompt"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.output = args.output or args.generated
+    return args
+
+
+def _value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sweep(items) -> list:
+    """``["omega_ref=0,1.5", "beta=0,0.2"]`` -> one Setting per combination, in sweep order."""
+    axes = []
+    for item in items:
+        name, equals, values = item.partition("=")
+        name = name.strip()
+        parts = [v.strip() for v in values.split(",") if v.strip()]
+        if not equals or not name or not parts:
+            raise DreamTunerInputError(f"--sweep {item}: write NAME=V1,V2,... (e.g. omega_ref=0,1.5,3).")
+        if any(n == name for n, _ in axes):
+            raise DreamTunerInputError(f"--sweep: {name} is given twice; list all its values in one NAME=V1,V2.")
+        axes.append((name, [_value(v) for v in parts]))
+    if not axes:
+        return [Setting()]
+    return [Setting(tuple(zip([n for n, _ in axes], combo))) for combo in itertools.product(*[v for _, v in axes])]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def dreambench_jobs(args, settings) -> list:
+    """Every (setting, subject, prompt, seed) image of the protocol, with the real images it is scored against."""
+    subjects, object_prompts, live_prompts, per_prompt = dreambench.load_protocol()
+    per_prompt = args.images_per_prompt or per_prompt
+    known = {s.name: s for s in subjects}
+    if args.subjects:
+        names = [n.strip() for n in args.subjects.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise DreamTunerInputError(f"--subjects: {', '.join(unknown) or '(none)'} not DreamBench subjects; "
+                                       f"choose among {', '.join(known)}.")
+        subjects = [known[n] for n in names]
+    if not args.dreambench.is_dir():
+        raise DreamTunerInputError(f"--dreambench: {args.dreambench} is not a folder (DreamBooth's dataset/).")
+    jobs = []
+    for subject in subjects:
+        real = dreambench.image_files(args.dreambench / subject.name, f"--dreambench subject {subject.name}")
+        templates = dreambench.subject_prompts(subject, object_prompts, live_prompts)[:args.prompts_per_subject]
+        for setting in settings:
+            for index, template in enumerate(templates):
+                for k in range(per_prompt):
+                    seed = args.seed + k
+                    jobs.append(Job(setting, subject.name, subject.class_word, subject.live, index,
+                                    dreambench.fill(template, subject.class_word, args.token),
+                                    dreambench.fill(template, subject.class_word), seed, real[0],
+                                    args.generated / setting.folder / subject.name / f"{index:02d}_{seed}.png", real))
+    return jobs
+
+
+def folder_jobs(args) -> list:
+    """Folder mode: every generated image, scored against every real image, with its prompt."""
+    generated = dreambench.image_files(args.generated, "--generated", exclude=(PLOT_NAME,))  # a previous run's plot
+    real = dreambench.image_files(args.real, "--real")
+    prompts = dreambench.read_prompt_file(args.prompts, generated)
+    return [Job(Setting(), args.real.name, "", None, i, p, p, None, real[0], g, real)
+            for i, (g, p) in enumerate(zip(generated, prompts))]
+
+
+# ----------------------------------------------------------------------------- generation
+
+class RunnerGenerator:
+    """Makes one image per call with the pack's headless runner on a ComfyUI server."""
+
+    def __init__(self, server, workflow, args, settings=()):
+        from . import run as runner
+        from . import workflow as wf
+
+        self.runner, self.wf, self.server, self.workflow, self.args = runner, wf, server, workflow, args
+        self.object_info = server.object_info()
+        problems = wf.check(workflow, self.object_info, check_values=False)
+        if problems:
+            raise wf.WorkflowError(problems)
+        for setting in settings:  # every swept name names a widget, before the first image is made
+            for name, _ in setting.values:
+                self.targets(name)
+
+    def targets(self, name):
+        """``NODE_ID.NAME`` entries of every active node with widget ``name`` (or the one named)."""
+        node_id, dot, widget = name.partition(".")
+        if dot and node_id.isdigit():
+            return [name]
+        found = [f"{node['id']}.{widget_name}" for node, widget_name in
+                 self.runner._with_widget(self.workflow, self.object_info, [name])]
+        if not found:
+            raise DreamTunerInputError(f"--sweep {name}: no node of the workflow has a '{name}' widget.")
+        return found
+
+    def __call__(self, job: Job):
+        wf, server = self.wf, self.server
+        workflow, object_info = copy.deepcopy(self.workflow), dict(self.object_info)
+        overrides = [f"{t}={json.dumps(v)}" for name, v in job.setting.values for t in self.targets(name)]
+        with tempfile.TemporaryDirectory(prefix="dreamtuner-inputs-") as scratch:
+            # Uploaded under a name of its own: DreamBench names every subject's images 00.jpg, 01.jpg, ...
+            reference = pathlib.Path(scratch) / f"dreambench-{job.subject}-{job.reference.name}"
+            shutil.copyfile(job.reference, reference)
+            options = argparse.Namespace(image=reference, mask=None, prompt=job.prompt, negative=self.args.negative,
+                                         seed=job.seed, steps=self.args.steps, size=self.args.size,
+                                         set=list(self.args.set) + overrides)
+            self.runner.apply_overrides(workflow, object_info, options, scratch)
+            self.runner.upload_images(workflow, object_info, server)
+        object_info["LoadImage"] = server.get("/object_info/LoadImage")["LoadImage"]
+        problems = wf.check(workflow, object_info)
+        if problems:
+            raise wf.WorkflowError(problems)
+        prompt = wf.to_api(workflow, object_info)
+        prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
+        try:
+            entry = server.follow(prompt_id, lambda kind, data: None, self.args.timeout)
+        except KeyboardInterrupt:
+            server.interrupt(prompt_id)
+            raise
+        from .server import ServerError, failure_line
+
+        if (entry.get("status") or {}).get("status_str") != "success":
+            raise ServerError(failure_line(entry, prompt))
+        images = [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())
+                  if image.get("type") == "output"]
+        if len(images) != 1:
+            raise ServerError(f"the workflow saved {len(images)} images in one run; the evaluation needs exactly "
+                              "one per run (one SaveImage, batch size 1)")
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=job.target.parent, prefix=".download-") as scratch:
+            os.replace(server.download(images[0], scratch), job.target)
+
+
+@contextlib.contextmanager
+def runner_generator(args, settings=()):
+    from . import run as runner
+    from . import workflow as wf
+
+    workflow = wf.load(args.workflow)
+    with runner._connect(args) as server:
+        yield RunnerGenerator(server, workflow, args, settings)
+
+
+def _progress(total, description):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
+
+
+def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
+    """Generate every job whose image is not there yet (resumable); returns how many were made."""
+    todo = [job for job in jobs if not job.target.is_file()]
+    if not todo:
+        return 0
+    bar = _progress(len(jobs), "generating")
+    if bar is not None:
+        bar.update(len(jobs) - len(todo))
+    for job in todo:
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        generate(job)
+        if not job.target.is_file():
+            raise DreamTunerInputError(f"the generator wrote no image at {job.target}.")
+        if bar is not None:
+            bar.set_postfix_str(f"{job.setting.label} {job.subject} #{job.prompt_index} seed {job.seed}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def load_models(args) -> fidelity.ScoringModels:
+    clip = fidelity.load_open_clip(str(args.clip), args.clip_arch, args.device) if args.clip else None
+    dino = fidelity.load_dino(str(args.dino), args.device) if args.dino else None
+    return fidelity.ScoringModels(clip_i=clip, clip_t=clip, dino=dino)
+
+
+def check_complete(jobs):
+    missing = [job.target for job in jobs if not job.target.is_file()]
+    if missing:
+        raise DreamTunerInputError(
+            f"{len(missing)} of the {len(jobs)} expected generated images are missing (e.g. {missing[0]}); the "
+            "DreamBench layout is GENERATED/SETTING/SUBJECT/PP_SEED.png. Generate them with --workflow, or limit "
+            "the evaluation with --subjects, --prompts-per-subject and --images-per-prompt.")
+
+
+def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
+    """One row per job: its CLIP-I/DINO against its subject's real images and CLIP-T with its prompt."""
+    real_cache, rows = {}, []
+    groups = {}
+    for job in jobs:
+        groups.setdefault((job.setting, job.subject), []).append(job)
+    bar = _progress(len(jobs), "scoring")
+    for (setting, subject), group in groups.items():
+        real_key = tuple(group[0].real)
+        if real_key not in real_cache:
+            real_cache[real_key] = dreambench.read_images(group[0].real)
+        generated = dreambench.read_images([job.target for job in group])
+        scores = fidelity.score_images(generated, real_cache[real_key], [job.score_prompt for job in group], models)
+        for i, job in enumerate(group):
+            rows.append(dict(setting=setting.label, subject=job.subject, **{"class": job.class_word},
+                             live=job.live, prompt_index=job.prompt_index, prompt=job.score_prompt, seed=job.seed,
+                             file=str(job.target), **{m: (float(v[i]) if (v := scores.per_image.get(m)) is not None
+                                                         else None) for m in fidelity.METRICS}))
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
+    """CLIP-I (and DINO) against CLIP-T, one point per setting, beside DreamTuner's Table 1.
+
+    One curve per combination of the other swept values, along the first swept name.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    table = dreambench.summary(rows)
+    points = {s: table[s.label]["all"] for s in settings
+              if s.label in table and table[s.label]["all"][fidelity.CLIP_T] is not None}
+    panels = [m for m in (fidelity.CLIP_I, fidelity.DINO) if any(p[m] is not None for p in points.values())]
+    if not points or not panels:
+        print("note: no plot: it needs CLIP-T and CLIP-I or DINO", file=sys.stderr)
+        return None
+    curves = {}
+    for setting in points:
+        curves.setdefault(setting.values[1:], []).append(setting)
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        for rest, members in curves.items():
+            xs = [points[s][fidelity.CLIP_T] for s in members]
+            ys = [points[s][metric] for s in members]
+            name = ",".join(f"{k}={v}" for k, v in rest) or "this run"
+            ax.plot(xs, ys, "o-", label=name)
+            for s, x, y in zip(members, xs, ys):
+                text = f"{s.values[0][0]}={s.values[0][1]}" if s.values else s.label
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if metric == fidelity.CLIP_I:
+            for name, (t, i) in dreambench.PAPER_TABLE_1.items():
+                mine = name == "DreamTuner"
+                ax.plot([t], [i], "*" if mine else "s", color="tab:red" if mine else "0.6", markersize=12 if mine else 6)
+                ax.annotate(f"{name} (paper)", (t, i), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color="tab:red" if mine else "0.4")
+        ax.set_xlabel("CLIP-T (prompt fidelity)")
+        ax.set_ylabel(f"{fidelity.LABELS[metric]} (subject fidelity)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left", fontsize=7)
+    figure.tight_layout()
+    path = pathlib.Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        figure.savefig(partial, format="png", dpi=120)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        if partial.exists():
+            partial.unlink()
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
+    """Plan, check the inputs, generate what is missing, score, then write the CSV, table and plot."""
+    settings = parse_sweep(args.sweep)
+    jobs = dreambench_jobs(args, settings) if args.dreambench is not None else folder_jobs(args)
+    for reals in {tuple(job.real) for job in jobs}:
+        dreambench.read_images(reals)  # unreadable real images stop the run before anything is made
+    models = load_models(args)
+    if generate is not None:
+        made = generate_missing(jobs, generate)
+        print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
+    elif args.workflow is not None:
+        with runner_generator(args, settings) as runner:
+            made = generate_missing(jobs, runner)
+        print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
+    check_complete(jobs)
+    rows = score_jobs(jobs, models)
+    dreambench.write_atomic(args.output / CSV_NAME, dreambench.csv_text(rows))
+    dreambench.write_atomic(args.output / TABLE_NAME, dreambench.markdown(rows))
+    plot(rows, args.output / PLOT_NAME, settings)
+    return rows
+
+
+def main(argv=None, generate: Optional[Callable[[Job], None]] = None) -> int:
+    args = parse_args(argv)
+    from . import workflow as wf
+    from .server import ServerError
+
+    try:
+        evaluate(args, generate)
+    except DreamTunerInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (wf.WorkflowError, ServerError) as error:
+        for line in error.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    except OSError as error:  # the server went away, a disk is full: no traceback, the same resumable state
+        print(f"error: {error}; run the same command again to continue", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output / CSV_NAME}, {args.output / TABLE_NAME}", file=sys.stderr)
+    print(pathlib.Path(args.output / TABLE_NAME).read_text(encoding="utf-8").split("\n## Per subject")[0])
+    return 0

@@ -1,0 +1,137 @@
+"""The trainer's other modes: full fine-tuning (.diff), text encoder training, the subject encoder's ResBlocks."""
+
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core import finetune as ft
+from comfyui_dreamtuner.dreamtuner_core.encoder_file import load_encoder
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import SubjectEncoderPatch
+from test_finetune import folders_in, subject_image
+from test_subject_encoder import apply, make_encoder
+
+torch.set_num_threads(1)  # tiny models on a shared 2-core machine: no thread hand-offs
+BASE = dict(class_word="dog", name="rex", steps=2, unet_lr=1e-2, token_lr=5e-3, rank=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model, clip, vae = tm.build("sd15"), tm.clip_text(), tm.vae()
+    image, mask = subject_image()
+    ref, reg = ft.prepare_latents(vae, model, image, tm.image(5, 32, 32, batch=2), mask)
+    return dict(model=model, clip=clip, vae=vae, image=image, mask=mask, ref=ref, reg=reg)
+
+
+def rounding_tolerance(adapters, modules, out):
+    """float32 rounding of W x + delta(x) against (W + delta) x: eps * sqrt(fan_in) per layer, sqrt(#layers)."""
+    fan_in = max(m.weight[0].numel() for m in modules)
+    return torch.finfo(torch.float32).eps * math.sqrt(fan_in) * math.sqrt(len(adapters)) * float(out.abs().max())
+
+
+def test_full_fine_tuning_is_saved_exactly_as_weight_differences(parts, tmp_path):
+    import comfy.lora
+    import comfy.model_management
+    import comfy.utils
+
+    model = parts["model"]
+    state = ft.train(model, parts["clip"], ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_FULL)),
+                     parts["ref"], parts["reg"])
+    lora = state.lora_state_dict()
+    assert lora and all(k.endswith(".diff") for k in lora)
+    path = str(tmp_path / "full.safetensors")
+    safetensors.torch.save_file(lora, path)
+    patches = comfy.lora.load_lora(comfy.utils.load_torch_file(path, safe_load=True),
+                                   comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert len(patches) == len(lora)
+    patched = model.clone()
+    patched.add_patches(patches, 1.0)
+    generator = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn((2, 4, 4, 4), generator=generator), torch.tensor([2.0, 6.0])
+    cond = torch.randn((2, 77, 32), generator=generator)
+    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad(), state.active():
+        trained = ft.predict(model, x, sigma, cond)
+    comfy.model_management.load_models_gpu([patched])
+    with torch.no_grad():
+        loaded = ft.predict(patched, x, sigma, cond)
+    comfy.model_management.load_models_gpu([model])
+    modules = [m for m, _ in ft.unet_targets(model).values()]
+    tolerance = rounding_tolerance(state.adapters, modules, trained)
+    assert (trained - loaded).abs().max() <= tolerance
+    with torch.no_grad():
+        assert (trained - ft.predict(model, x, sigma, cond)).abs().max() > 100 * tolerance
+
+
+def test_text_encoder_training_goes_into_the_same_file_and_the_core_loader_applies_it(parts, tmp_path):
+    import comfy.lora
+    import comfy.sd
+
+    clip = parts["clip"]
+    settings = ft.FinetuneSettings(**dict(BASE, train_text_encoder=True, text_encoder_lr=1e-2))
+    state = ft.train(parts["model"], clip, settings, parts["ref"], parts["reg"])
+    lora = state.lora_state_dict()
+    text_keys = {k.split(".")[0] for k in lora if k.startswith("lora_te_")}
+    assert len(text_keys) == 2 * 6  # two layers: q, k, v, out, fc1, fc2
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    assert len(comfy.lora.load_lora(lora, key_map)) == len(text_keys)
+    # The CLIP LoraLoader returns encodes "a dog [S*]" as the training's own encoder did.
+    _, patched_clip = comfy.sd.load_lora_for_models(parts["model"], clip, lora, 1.0, 1.0)
+    with torch.no_grad():
+        with state.active():
+            trained = clip.encode_from_tokens(state.subject_tokens)
+        state.slots["l"].install()
+        try:
+            loaded = patched_clip.encode_from_tokens(state.subject_tokens)
+        finally:
+            state.slots["l"].remove()
+        untrained = clip.encode_from_tokens(state.subject_tokens)
+    modules = [m for m, _ in ft.text_targets(clip).values()]
+    tolerance = rounding_tolerance(state.text_adapters, modules, trained) * 4  # layer norms in between
+    assert (trained - loaded).abs().max() <= tolerance
+    assert (trained - untrained).abs().max() > 100 * tolerance
+
+
+def test_a_model_with_the_subject_encoder_tunes_its_resblocks_into_a_new_file(parts, tmp_path):
+    model, clip_vision = parts["model"], tm.clip_vision()
+    encoder = make_encoder(model, clip_vision, trained=True)
+    original = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with_encoder = apply(model, encoder, clip_vision, parts["image"], beta=0.5, mask=parts["mask"])
+    (old_patch,) = with_encoder.model_options["transformer_options"]["patches"]["middle_patch"]
+    folders = folders_in(tmp_path)
+    settings = ft.FinetuneSettings(**dict(BASE, encoder_lr=1e-2))
+    result = ft.finetune(with_encoder, tm.clip_text(embedding_directory=folders.embeddings), parts["vae"],
+                         parts["image"], tm.image(5, 32, 32, batch=2), settings, folders, mask=parts["mask"])
+    path = os.path.join(folders.encoders, "rex.safetensors")
+    assert result.files["encoder"] == path
+    tuned = load_encoder(path)
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed and all(k.startswith("resblocks.") for k in changed)  # S-E-A layers and proj_in frozen
+    # The input model's encoder and patch are untouched; the returned model uses the tuned encoder.
+    assert all(torch.equal(v, original[k]) for k, v in encoder.state_dict().items())
+    assert with_encoder.model_options["transformer_options"]["patches"]["middle_patch"] == [old_patch]
+    (new_patch,) = result.model.model_options["transformer_options"]["patches"]["middle_patch"]
+    assert isinstance(new_patch, SubjectEncoderPatch) and new_patch is not old_patch
+    assert new_patch.beta == old_patch.beta
+    with torch.no_grad():
+        expected = tuned.encode(old_patch.features).mean(dim=0, keepdim=True)
+    assert torch.equal(new_patch.tokens, expected)
+    assert not torch.equal(new_patch.tokens, old_patch.tokens)
+
+
+def test_runs_inside_inference_mode_on_models_loaded_in_it(tmp_path):
+    """Current ComfyUI loads checkpoints and runs nodes under torch.inference_mode: training steps out of it."""
+    folders = folders_in(tmp_path)
+    with torch.inference_mode():
+        model, clip, vae = tm.build("sd15"), tm.clip_text(embedding_directory=folders.embeddings), tm.vae()
+        image, mask = subject_image()
+        regular = tm.image(5, 32, 32, batch=2)
+        assert next(model.model.parameters()).is_inference()
+        weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+        result = ft.finetune(model, clip, vae, image, regular, ft.FinetuneSettings(**BASE), folders, mask=mask)
+    assert len(result.losses) == BASE["steps"] and all(math.isfinite(v) for v in result.losses)
+    assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
+    assert os.path.exists(os.path.join(folders.loras, "rex.safetensors"))

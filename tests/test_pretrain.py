@@ -1,0 +1,293 @@
+"""Subject-encoder pretraining (dreamtuner_core.pretrain) on random-weight models in the real file formats.
+
+The files come from scripts/make_pretrain_smoke_files.py (an SD1.5-format
+checkpoint with a narrow UNet the host detects as SD1.5, a ControlNet for it, a
+small CLIP vision tower) and are loaded by the host's own loaders. The
+checkpoint's CLIP text encoder is replaced by a fixed per-caption conditioning
+(tests/pretrain_worker.caption_conditioning), because the PyPI comfy core ships
+without CLIP-L's tokenizer; test_checkpoint_text_encoder covers that path where
+the host has it.
+
+- 2 gloo processes vs 1 process on the same global batch: the averaged
+  gradients agree (to fp32 summation-order rounding), every frozen weight is
+  bitwise unchanged, every trainable tensor changed;
+- stop after 1 step + resume to 2 == 2 uninterrupted steps, bit for bit (weights, AdamW state, log);
+- one step lowers the loss of the batch it was computed on;
+- the training forward equals the inference patch's (ApplySubjectEncoder)
+  forward for the same reference;
+- the written encoder file loads with the pack's loader and changes the
+  patched model's output, where the untrained file leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import sys
+
+import pytest
+import torch
+
+import pretrain_worker
+from comfyui_dreamtuner.dreamtuner_core import encoder_file
+from comfyui_dreamtuner.dreamtuner_core.pretrain import RunFiles, TrainConfig, Trainer, World, load_clip_vision
+from comfyui_dreamtuner.dreamtuner_core.pretrain_data import PreparedDataset, Augmentation
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder import SubjectEncoder
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import apply_subject_encoder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32  # px: latents of 4x4, the narrow UNet's two levels still apply
+
+
+@pytest.fixture(scope="session")
+def smoke_files():
+    """The smoke-run files, cached between sessions (each file is written atomically by the script)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_pretrain_smoke_files
+
+    cache = pathlib.Path(os.environ.get("DREAMTUNER_CACHE", pathlib.Path.home() / ".cache" / "comfyui-dreamtuner"))
+    return make_pretrain_smoke_files.make_all(cache / "pretrain_smoke_v1", images=8, size=SIZE)
+
+
+def config(files, out, **overrides):
+    values = dict(data=files["data"], checkpoint=files["checkpoint"], controlnet=files["controlnet"],
+                  clip_vision=files["clip_vision"], clip_vision_config=files["clip_vision_config"], out=str(out),
+                  size=SIZE, global_batch=4, batch_per_device=2, lr=1e-3, max_steps=3, checkpoint_every=1,
+                  keep_checkpoints=5, workers=0, progress=False, encoder_dtype="float32")
+    values.update(overrides)
+    return values
+
+
+_FROZEN = {}
+
+
+def trainer(files, out, **overrides):
+    """A one-process trainer; the frozen models are loaded once per session (the files never change)."""
+    settings = TrainConfig(**config(files, out, **overrides))
+    t = Trainer(settings, World(), pretrain_worker.caption_conditioning, frozen=_FROZEN.get("models"))
+    _FROZEN["models"] = t.frozen
+    return t
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_give_the_single_process_gradients(smoke_files, tmp_path):
+    import safetensors.torch
+    import torch.multiprocessing as mp
+
+    # one process, the whole global batch of 4 in one forward
+    single = trainer(smoke_files, tmp_path / "single", batch_per_device=4, max_steps=1)
+    with torch.no_grad():  # start from a "trained-looking" encoder: with S-E-A outputs at zero only they get gradient
+        for attention in single.encoder.attention.values():
+            attention.to_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    init = tmp_path / "init.safetensors"
+    encoder_file.save_encoder(single.encoder, init)
+
+    # 2 ranks x 1 sample x 2 accumulation steps = the same global batch of 4
+    kwargs = config(smoke_files, tmp_path / "ddp", batch_per_device=1, max_steps=1, init_encoder=str(init))
+    mp.spawn(pretrain_worker.ddp_step, args=(2, free_port(), kwargs, str(tmp_path)), nprocs=2, join=True)
+    ranks = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+
+    grads = {}
+    single.on_gradients = lambda t: grads.update({k: p.grad.clone() for k, p in t.encoder.named_parameters()})
+    single.run()
+
+    assert set(grads) == {k[len("grad."):] for k in ranks[0] if k.startswith("grad.")}
+    eps = torch.finfo(torch.float32).eps
+    for name, expected in grads.items():
+        assert expected.abs().max() > 0, name
+        for rank in ranks:  # DDP leaves the same averaged gradient on every rank
+            # The same per-sample terms, summed in another order and through batch-1 vs batch-4 kernels:
+            # fp32 rounding of reductions of up to K = 4096 terms (the UNet's widest), relative to the magnitude.
+            tolerance = eps * 4096 ** 0.5 * float(expected.abs().max())
+            assert (rank[f"grad.{name}"] - expected).abs().max().item() <= tolerance, name
+    for rank in ranks:
+        assert int(rank["frozen_unchanged"]) == 1 and int(rank["frozen_count"]) > 100
+        assert int(rank["changed_count"]) == len(single.encoder.state_dict())
+
+
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(smoke_files, tmp_path):
+    import safetensors
+
+    full = trainer(smoke_files, tmp_path / "full", global_batch=2, max_steps=2).run()
+    trainer(smoke_files, tmp_path / "cut", global_batch=2, max_steps=1).run()
+    resumed = trainer(smoke_files, tmp_path / "cut", global_batch=2, max_steps=2, resume="latest").run()
+
+    assert resumed.step == full.step == 2
+    for key, value in full.encoder.state_dict().items():
+        assert torch.equal(value, resumed.encoder.state_dict()[key]), key
+    full_state, resumed_state = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sorted(full_state) == sorted(resumed_state)
+    for index, values in full_state.items():
+        assert all(torch.equal(values[k], resumed_state[index][k]) for k in values), index
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
+    full_rows = RunFiles(str(tmp_path / "full"), True).rows()
+    cut_rows = RunFiles(str(tmp_path / "cut"), True).rows()
+    assert [(r["step"], r["loss"]) for r in full_rows] == [(r["step"], r["loss"]) for r in cut_rows]
+    assert os.path.exists(tmp_path / "full" / "loss.png")
+
+    # every checkpoint is a complete file: the one of step 2 resumes too, and no temporary file is left
+    with safetensors.safe_open(str(tmp_path / "full" / "checkpoints" / "checkpoint_00000001.safetensors"), "pt") as f:
+        assert '"step": 1' in f.metadata()["state"]
+    assert not list((tmp_path / "full").rglob("*.partial"))
+
+
+def fixed_batch_loss(t):
+    """The loss of every training image at fixed noise and timesteps (the data seed's epoch 0)."""
+    dataset = t.dataset
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        return float(t.micro_loss(0, batch, model=t.objective))
+
+
+def test_the_loss_on_the_training_images_falls(smoke_files, tmp_path):
+    """One step on the whole (unaugmented) set, whose noise and timesteps are epoch 0's, as the evaluation's.
+
+    AdamW's first step moves every weight against the sign of its gradient, a descent
+    direction; with a small lr the loss of that same batch must fall (first order).
+    """
+    t = trainer(smoke_files, tmp_path, augment=False, lr=1e-4, global_batch=8, batch_per_device=8, max_steps=1,
+                checkpoint_every=100)
+    before = fixed_batch_loss(t)
+    t.run()
+    after = fixed_batch_loss(t)
+    assert after < before
+
+
+def test_training_forward_equals_the_inference_patch(smoke_files, tmp_path):
+    """TrainingPatch inside the training objective == SubjectEncoderPatch as ApplySubjectEncoder installs it."""
+    t = trainer(smoke_files, tmp_path, augment=False)
+    with torch.no_grad():  # a trained-looking encoder: non-zero S-E-A outputs
+        for attention in t.encoder.attention.values():
+            attention.to_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    dataset = PreparedDataset(smoke_files["data"], SIZE, augmentation=Augmentation(enabled=False))
+    sample = dataset[1]
+    batch = torch.utils.data.default_collate([sample])
+    features, x_noisy, sigma, x0, context, _ = t.prepare(0, batch)
+
+    # the reference the encoder sees: background whitened with the mask, as at inference (by hand here)
+    from PIL import Image
+    import numpy
+
+    entry = dataset.entries[1]
+    mask = torch.from_numpy(numpy.array(Image.open(os.path.join(smoke_files["data"], entry["mask"])))).float() / 255
+    target = sample["target"]
+    torch.testing.assert_close(sample["reference"], target * mask + (1 - mask))
+
+    patched, _ = apply_subject_encoder(t.frozen.patcher, t.encoder, t.frozen.clip_vision,
+                                       sample["reference"].movedim(0, -1)[None], beta=1.0)
+    options = patched.model_options["transformer_options"]
+
+    def control():  # the host's UNet pops the residuals it adds: one control dict per forward
+        return t.frozen.control(x_noisy, sigma, context, batch["depth"], 1.0, {})
+
+    with torch.no_grad():
+        inference = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control(),
+                                              transformer_options=options)
+        plain = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control())
+        from comfyui_dreamtuner.dreamtuner_core.pretrain import TrainingPatch
+
+        tokens = t.encoder.encode(features)
+        training = t.frozen.base.apply_model(
+            x_noisy, sigma, c_crossattn=context, control=control(),
+            transformer_options={"patches": {"middle_patch": [TrainingPatch(t.encoder, tokens, 1.0)]}})
+    assert not torch.equal(inference, plain)
+    torch.testing.assert_close(training, inference, rtol=0, atol=64 * torch.finfo(torch.float32).eps *
+                               float(inference.abs().max()))
+
+
+def test_the_written_file_loads_and_changes_apply_subject_encoder(smoke_files, tmp_path):
+    t = trainer(smoke_files, tmp_path, lr=1e-2, global_batch=2, batch_per_device=2, max_steps=1, encoder_dtype="float16")
+    t.run()
+    path = tmp_path / "subject_encoder.safetensors"
+    trained = encoder_file.load_encoder(path)  # what SubjectEncoderLoader does
+    untrained_path = tmp_path / "untrained.safetensors"
+    encoder_file.save_encoder(SubjectEncoder(trained.config).initialise_untrained(0), untrained_path)
+    untrained = encoder_file.load_encoder(untrained_path)
+    import safetensors
+
+    with safetensors.safe_open(str(path), "pt") as handle:
+        assert '"step": 1' in handle.metadata()["training"]
+
+    clip_vision = load_clip_vision(smoke_files["clip_vision"], smoke_files["clip_vision_config"])
+    image = torch.rand((1, SIZE, SIZE, 3), generator=torch.Generator().manual_seed(5))
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(6))
+    sigma = torch.tensor([3.0])
+    context = pretrain_worker.caption_conditioning("a toy")
+
+    def output(encoder):
+        model = t.frozen.patcher
+        if encoder is not None:
+            model, _ = apply_subject_encoder(model, encoder, clip_vision, image, beta=1.0)
+        with torch.no_grad():
+            return t.frozen.base.apply_model(x, sigma, c_crossattn=context,
+                                             transformer_options=model.model_options["transformer_options"])
+
+    plain = output(None)
+    assert torch.equal(output(untrained), plain)
+    assert (output(trained) - plain).abs().max() > 1e-4
+
+
+def test_checkpoint_text_encoder(smoke_files, tmp_path):
+    """Where the host can build CLIP-L (ComfyUI's own comfy), captions go through the checkpoint's encoder."""
+    import comfy.sd1_clip
+
+    if not os.path.exists(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")):
+        pytest.skip("this comfy package ships without CLIP-L's config/tokenizer (PyPI notcomfy)")
+    from comfyui_dreamtuner.dreamtuner_core.pretrain import FrozenModels
+
+    frozen = FrozenModels(TrainConfig(**config(smoke_files, tmp_path)), torch.device("cpu"))
+    got = frozen.text("a photo of a red toy")
+    expected = frozen.clip.encode_from_tokens(frozen.clip.tokenize("a photo of a red toy"))
+    assert got.shape == (1, 77, 768)
+    torch.testing.assert_close(got, expected.float())
+    assert all(not p.requires_grad for p in frozen.clip.cond_stage_model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(smoke_files, tmp_path):
+    """Recomputing the UNet's ResBlocks in the backward pass changes memory, not the gradients (same ops, same order)."""
+    from comfyui_dreamtuner.dreamtuner_core.pretrain import (disable_gradient_checkpointing,
+                                                             enable_gradient_checkpointing)
+
+    t = trainer(smoke_files, tmp_path, augment=False)
+    with torch.no_grad():
+        for attention in t.encoder.attention.values():
+            attention.to_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+    batch = torch.utils.data.default_collate([t.dataset[i] for i in range(2)])
+
+    def gradients():
+        t.encoder.zero_grad(set_to_none=True)
+        t.micro_loss(0, batch).backward()
+        return {k: p.grad.clone() for k, p in t.encoder.named_parameters()}
+
+    plain = gradients()
+    enable_gradient_checkpointing(t.frozen.base.diffusion_model)
+    try:
+        checkpointed = gradients()
+    finally:
+        disable_gradient_checkpointing(t.frozen.base.diffusion_model)
+    for name, grad in plain.items():
+        assert grad.abs().max() > 0, name
+        assert torch.equal(checkpointed[name], grad), name
+
+
+def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
+    """A run killed while writing leaves ``NAME.partial`` (the rename never happened): resume takes the last complete file."""
+    from comfyui_dreamtuner.dreamtuner_core.pretrain import resolve_resume
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("checkpoint_00000002.safetensors", "checkpoint_00000004.safetensors",
+                 "checkpoint_00000006.safetensors.partial"):
+        (folder / name).write_bytes(b"x")
+    assert resolve_resume("latest", str(tmp_path)) == str(folder / "checkpoint_00000004.safetensors")
+    assert resolve_resume("latest", str(tmp_path / "fresh")) is None  # nothing yet: start at step 0
+    files = RunFiles(str(tmp_path), True)
+    files.prune(1)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_00000004.safetensors",
+                                                        "checkpoint_00000006.safetensors.partial"]
