@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import threading
 import time
 
 import torch
@@ -41,6 +40,7 @@ if not torch.cuda.is_available():
 
 import conftest  # noqa: E402  (loads the pack as ComfyUI does)
 import tiny_models as tm  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402  (beside this script)
 
 from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET  # noqa: E402
 from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import sample_interleaved  # noqa: E402
@@ -51,41 +51,6 @@ from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttention
 
 
 
-class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or sampled resident memory on the CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            import psutil
-
-            self._process = psutil.Process()
-            self.before = self._process.memory_info().rss
-            self._peak, self._running = self.before, True
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def _watch(self):
-        while self._running:
-            self._peak = max(self._peak, self._process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._running = False
-            self._thread.join()
-            self.peak = self._peak
-        self.rise = self.peak - self.before
 
 
 def another_packs_patch(out, extra_options):

@@ -25,7 +25,7 @@ conditioning reads the reference at the evaluation's own sigma.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
