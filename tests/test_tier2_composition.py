@@ -145,7 +145,9 @@ CASES = [
          names=("SelfAttentionGuidance", "Self-Attention Guidance", "sag")),
     Case("PerturbedAttentionGuidance", _model_patch("PerturbedAttentionGuidance", scale=3.0),
          names=("PerturbedAttentionGuidance", "Perturbed-Attention Guidance", "pag")),
-    Case("FreeU_V2", _model_patch("FreeU_V2", b1=1.3, b2=1.4, s1=0.9, s2=0.2), names=("FreeU",)),
+    # FreeU_V2 scales by (mean - min) / (max - min) over each map: a 1x1 map (the deepest level at 64 px)
+    # divides by zero and the core node alone gives NaN there, so 128 px.
+    Case("FreeU_V2", _model_patch("FreeU_V2", b1=1.3, b2=1.4, s1=0.9, s2=0.2), size=128, names=("FreeU",)),
     # tile_size 32 with swap_size 1: the 8x8 latent's first level really is cut into 2x2 tiles.
     Case("HyperTile", _model_patch("HyperTile", tile_size=32, swap_size=1, max_depth=0, scale_depth=False),
          names=("HyperTile", "hypertile")),
@@ -270,6 +272,7 @@ def assert_composes(runs, case, order, sampler):
     ssa_alone = runs(case, "ssa_alone", sampler)
     other_alone = runs(case, "other_alone", "ksampler")
     assert ssa_alone.ok and other_alone.ok, (ssa_alone.message, other_alone.message)
+    assert bool(other_alone.latent.isfinite().all()), f"{case.name} alone gives NaN here: not a composition test"
     assert both.latent.shape == other_alone.latent.shape
     assert bool(both.latent.isfinite().all())
     assert differs(both.latent, ssa_alone.latent), f"{case.name} had no effect next to Self-Subject-Attention"
