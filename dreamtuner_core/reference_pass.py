@@ -7,10 +7,13 @@ keeps the reference's projected keys/values (:mod:`.self_subject_attention`).
 
 Cost: the reference rides along as extra batch items of the evaluation that
 needs it first (one UNet item per reference per step, however many
-conditionings are evaluated); its features are kept for the rest of the step,
-so cond and uncond evaluated in separate calls share them. When it cannot
-ride along (another size than the generated latent, a text conditioning of
-another length, a batch it does not divide into) it gets a forward of its own.
+conditionings are evaluated); its features are kept for the rest of the
+evaluation, so cond and uncond evaluated in separate calls share them, and
+freed at its end (:class:`RunCache`). When it cannot ride along (another size
+than the generated latent, a text conditioning of another length, a batch it
+does not divide into) or must not (another pack's patch or wrapper is on the
+call: :func:`rides_along_safely`) it gets a forward of its own, without other
+packs' runtime patches (:func:`reference_pass_options`).
 
 The reference pass gets no ControlNet residuals: the control describes the
 generated image's layout, not the reference's (METHOD.md choice).
