@@ -248,7 +248,6 @@ class RunnerGenerator:
                                          set=list(self.args.set) + overrides)
             self.runner.apply_overrides(workflow, object_info, options, scratch)
             self.runner.upload_images(workflow, object_info, server)
-        object_info["LoadImage"] = server.get("/object_info/LoadImage")["LoadImage"]
         problems = wf.check(workflow, object_info)
         if problems:
             raise wf.WorkflowError(problems)
