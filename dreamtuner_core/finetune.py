@@ -433,6 +433,40 @@ def _model_fingerprint(h, state_dict):
         h.update(flat[::step][:64].float().cpu().contiguous().numpy().tobytes())
 
 
+def unpatched_state_dict(patcher, module):
+    """The module's weights as loaded, without the LoRA of whichever clone the host has loaded last.
+
+    The host patches weights in place in the model that all clones of a checkpoint share, and keeps the
+    originals in the patchers' shared ``backup``; a later graph's LoraLoader would otherwise change the
+    fingerprint of the same checkpoint.
+    """
+    state = module.state_dict()
+    prefix = "" if module is getattr(patcher, "model", None) else None
+    backup = getattr(patcher, "backup", {}) or {}
+    if prefix is None:  # CLIP: the patcher's keys are relative to its model, which holds the module
+        for name, child in getattr(patcher, "model", module).named_modules():
+            if child is module:
+                prefix = f"{name}." if name else ""
+                break
+    for key, saved in backup.items():
+        if prefix is not None and key.startswith(prefix) and key[len(prefix):] in state:
+            state[key[len(prefix):]] = getattr(saved, "weight", saved)
+    return state
+
+
+def _clip_fingerprint(h, clip, class_word, uses_pooled):
+    """The text encoder as training sees it: its conditioning of the regular images' prompt.
+
+    Not its weights: a checkpoint without some of them (SD1.5 files have no CLIP-L ``text_projection``)
+    leaves those uninitialised at every load, so they would change the fingerprint of the same file. The
+    pooled output (which reads that projection) counts only for models that use it (SDXL's ADM input).
+    """
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(f"a {class_word}"), return_pooled=True)
+    _tensor_digest(h, cond)
+    if uses_pooled and pooled is not None:
+        _tensor_digest(h, pooled)
+
+
 def _patches_fingerprint(h, patches):
     """Keys, strengths and sampled tensors of a ModelPatcher's weight patches (a LoRA stack under the model)."""
 
@@ -475,10 +509,10 @@ def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
         _tensor_digest(h, t)
     if mask is not None:
         _tensor_digest(h, mask)
-    _model_fingerprint(h, model.model.state_dict())
+    _model_fingerprint(h, unpatched_state_dict(model, model.model))
     _patches_fingerprint(h, getattr(model, "patches", {}))
     _options_fingerprint(h, model)
-    _model_fingerprint(h, clip.cond_stage_model.state_dict())
+    _clip_fingerprint(h, clip, settings.class_word, uses_pooled=bool(getattr(model.model, "adm_channels", 0)))
     _patches_fingerprint(h, getattr(clip.patcher, "patches", {}))
     h.update(repr(getattr(clip, "layer_idx", None)).encode())
     return h.hexdigest()
