@@ -433,24 +433,17 @@ def _model_fingerprint(h, state_dict):
         h.update(flat[::step][:64].float().cpu().contiguous().numpy().tobytes())
 
 
-def unpatched_state_dict(patcher, module):
-    """The module's weights as loaded, without the LoRA of whichever clone the host has loaded last.
+def unpatched_state_dict(patcher):
+    """The UNet's weights as loaded, without the LoRA of whichever clone the host has loaded last.
 
-    The host patches weights in place in the model that all clones of a checkpoint share, and keeps the
+    The host patches weights in place in the model that all clones of a checkpoint share and keeps the
     originals in the patchers' shared ``backup``; a later graph's LoraLoader would otherwise change the
     fingerprint of the same checkpoint.
     """
-    state = module.state_dict()
-    prefix = "" if module is getattr(patcher, "model", None) else None
-    backup = getattr(patcher, "backup", {}) or {}
-    if prefix is None:  # CLIP: the patcher's keys are relative to its model, which holds the module
-        for name, child in getattr(patcher, "model", module).named_modules():
-            if child is module:
-                prefix = f"{name}." if name else ""
-                break
-    for key, saved in backup.items():
-        if prefix is not None and key.startswith(prefix) and key[len(prefix):] in state:
-            state[key[len(prefix):]] = getattr(saved, "weight", saved)
+    state = patcher.model.state_dict()
+    for key, saved in (getattr(patcher, "backup", None) or {}).items():
+        if key in state:
+            state[key] = getattr(saved, "weight", saved)  # current ComfyUI keeps (weight, inplace_update)
     return state
 
 
@@ -509,7 +502,7 @@ def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
         _tensor_digest(h, t)
     if mask is not None:
         _tensor_digest(h, mask)
-    _model_fingerprint(h, unpatched_state_dict(model, model.model))
+    _model_fingerprint(h, unpatched_state_dict(model))
     _patches_fingerprint(h, getattr(model, "patches", {}))
     _options_fingerprint(h, model)
     _clip_fingerprint(h, clip, settings.class_word, uses_pooled=bool(getattr(model.model, "adm_channels", 0)))
