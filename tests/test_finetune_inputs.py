@@ -176,3 +176,23 @@ def test_the_node_outside_comfyui_says_so():
         pytest.skip("folder_paths is importable here")
     with pytest.raises(DreamTunerInputError, match="runs inside ComfyUI"):
         output_folders()
+
+
+def test_the_model_fingerprint_ignores_another_clones_lora_patched_in_place(tmp_path):
+    """The host patches a LoRA into the weights all clones share; the run hash must read the weights as loaded."""
+    import comfy.lora
+    import comfy.utils
+    from comfyui_dreamtuner.dreamtuner_core.finetune import unpatched_state_dict
+
+    model = tm.build("sd15")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    lora = comfy.utils.load_torch_file(str(tm.write_lora(tmp_path / "other.safetensors", model)), safe_load=True)
+    clone = model.clone()
+    clone.add_patches(comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {})), 1.0)
+    clone.patch_model()
+    try:
+        assert any(not torch.equal(v, before[k]) for k, v in model.model.state_dict().items()), "patched in place"
+        state = unpatched_state_dict(model)
+        assert all(torch.equal(state[k], before[k]) for k in before)
+    finally:
+        clone.unpatch_model()
