@@ -43,7 +43,7 @@ import comfy.model_management
 import comfy.samplers
 
 from .errors import DreamTunerInputError
-from .reference_pass import PLAN_KEY, STATE_KEY
+from .reference_pass import PLAN_KEY, STATE_KEY, end_of_run
 
 EQ4, EQ5 = 4, 5
 # Conditionings whose self-subject-attention is off but whose subject encoder should be off too
@@ -259,10 +259,8 @@ class InterleavedCFGGuider(comfy.samplers.CFGGuider):
         try:
             return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
                                   callback=callback, disable_pbar=disable_pbar, seed=seed)
-        finally:  # the run is over (or failed): free what self-subject-attention kept for it
-            state = self.model_patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
-            if state is not None:
-                state.cache.clear()
+        finally:  # the run is over (or failed)
+            end_of_run(self.model_patcher)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")

@@ -23,6 +23,7 @@ from .reference_pass import (
     SelfSubjectAttentionReplace,
     SelfSubjectAttentionState,
     check_replacements,
+    end_of_run,
     replacement_conflict,
 )
 
@@ -125,13 +126,6 @@ def end_of_evaluation(args):
                 "after Self-Subject-Attention, replaced the pack's wrapper without calling it. Put "
                 "Self-Subject-Attention after that node (it chains the wrapper it finds), or remove that node.")
     return args["denoised"]
-
-
-def end_of_run(patcher):
-    """The host's end-of-sampling callback (current ComfyUI): free everything the run kept."""
-    state = patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
-    if state is not None:
-        state.cache.clear()
 
 
 class ReferenceRowsMemory:

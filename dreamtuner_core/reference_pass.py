@@ -142,6 +142,14 @@ class SelfSubjectAttentionState:
         return SelfSubjectAttentionState(self.references + tuple(references), self.layers | frozenset(layers))
 
 
+def end_of_run(patcher):
+    """Free everything self-subject-attention kept for a run: the host's end-of-sampling callback
+    (current ComfyUI) and the pack's own guider call it."""
+    state = patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
+    if state is not None:
+        state.cache.clear()
+
+
 @dataclass
 class CallPlan:
     """What one model call holds: generated rows first, then reference rows.
