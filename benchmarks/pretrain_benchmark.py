@@ -1,15 +1,25 @@
 """Pretraining throughput: samples/s at one and two processes (scaling efficiency), and on a GPU at 512 px.
 
     python benchmarks/pretrain_benchmark.py                 # CPU: smoke-size models, 32 px, 1 vs 2 gloo processes
+                                                            # (one core each), 3 repeats, medians
     python benchmarks/pretrain_benchmark.py --gpu           # one GPU: full-size SD1.5 / ViT-H shapes, 512 px,
                                                             # global batch 16, samples/s and peak memory
 
 Models are random-weight files in the real formats (scripts/make_pretrain_smoke_files.py; with --gpu the
 full-size SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet of tests/tier2_assets.py), loaded by
-the host's loaders. Each measurement runs ``--steps`` optimizer steps after one warm-up step; the figure is
-samples / wall time of the measured steps (the slowest rank). Scaling efficiency = samples/s at 2 processes /
-(2 x samples/s at 1 process), both measured in the same run. Where the host lacks CLIP-L's tokenizer (the PyPI
-comfy core) a fixed caption embedding stands in for the text encoder (noted in the output).
+the host's loaders. Each measurement runs ``--steps`` optimizer steps after one warm-up step, in freshly
+spawned processes (the 1-process figure too, so both start alike); the figure is samples / wall time of the
+measured steps, between two barriers (so the slowest rank counts).
+
+On the CPU each process gets ``--threads`` threads (default 1: one core per process, as one GPU per
+process under torchrun), so scaling efficiency = samples/s at 2 processes / (2 x samples/s at 1 process) says
+what the second process adds (gloo all-reduce, and whatever the two processes share: memory bandwidth,
+caches). One process with every core is printed for comparison. The three configurations are interleaved
+over ``--repeats`` rounds and reported as medians with their range. A busy machine (other work using more
+than half a core in the second before the start) makes every figure meaningless: the script says so.
+
+Where the host lacks CLIP-L's tokenizer (the PyPI comfy core) a fixed caption embedding stands in for the
+text encoder (noted in the output).
 """
 
 from __future__ import annotations
@@ -38,18 +48,38 @@ def _setup_host():
     sys.path.append(str(ROOT / "scripts"))
 
 
+def busy_cores(seconds=1.0):
+    """Cores' worth of CPU time other processes used over ``seconds`` (Linux /proc/stat), or None elsewhere.
+
+    Read now, not the load average: that one is a minute-long average and still counts
+    whatever ran just before the benchmark.
+    """
+    def sample():
+        with open("/proc/stat") as handle:
+            fields = [float(v) for v in handle.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # (busy, total) jiffies: idle and iowait excluded
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1e-9) * (os.cpu_count() or 1)
+
+
 def _host_has_clip_text():
     import comfy.sd1_clip
 
     return os.path.exists(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json"))
 
 
-def _measure(rank, world_size, port, kwargs, steps, result):
+def _measure(rank, world_size, port, kwargs, steps, result, threads):
     """One rank: build the trainer, one warm-up step, then time ``steps`` steps; rank 0 writes the result."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    if world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    if threads:
+        torch.set_num_threads(threads)
     _setup_host()
     import torch.distributed as dist
     from dreamtuner_core.pretrain import Trainer, TrainConfig, setup_world
@@ -79,7 +109,8 @@ def _measure(rank, world_size, port, kwargs, steps, result):
         dist.destroy_process_group()
 
 
-def run(world_size, kwargs, steps):
+def run(world_size, kwargs, steps, threads=None):
+    """samples/s, peak GiB (GPU) and whether the real text encoder ran, for ``world_size`` fresh processes."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -88,10 +119,7 @@ def run(world_size, kwargs, steps):
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         kwargs = dict(kwargs, out=os.path.join(folder, "run"))
-        if world_size == 1:
-            _measure(0, 1, port, kwargs, steps, result)
-        else:
-            mp.spawn(_measure, args=(world_size, port, kwargs, steps, result), nprocs=world_size, join=True)
+        mp.spawn(_measure, args=(world_size, port, kwargs, steps, result, threads), nprocs=world_size, join=True)
         rate, peak, real_text = open(result).read().split()
     return float(rate), (None if peak == "None" else float(peak)), real_text == "1"
 
@@ -115,7 +143,10 @@ def gpu_files(folder):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU: rounds of the three configurations")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: threads per process in the 1 vs 2 comparison")
+    parser.add_argument("--size", type=int, default=32, help="CPU: training resolution of the smoke-size run (px)")
     parser.add_argument("--files", default=None, help="folder for the model files (default: the test cache)")
     parser.add_argument("--gpu", action="store_true", help="measure on one GPU at 512 px, global batch 16")
     args = parser.parse_args(argv)
@@ -137,16 +168,36 @@ def main(argv=None):
                   + ("" if real else " (fixed caption embedding)"))
         return
 
+    import statistics
+
     import make_pretrain_smoke_files
 
-    files = make_pretrain_smoke_files.make_all(cache / "pretrain_smoke_v1", images=8, size=32)
-    kwargs = dict(base, **files)
-    one, _, real = run(1, kwargs, args.steps)
-    two, _, _ = run(2, kwargs, args.steps)
-    print(f"CPU ({os.cpu_count()} cores), smoke-size models, 32 px, global batch 4"
-          + ("" if real else ", fixed caption embedding (this comfy core has no CLIP-L tokenizer)"))
-    print(f"  1 process : {one:.3f} samples/s (1.00x)")
-    print(f"  2 processes (gloo): {two:.3f} samples/s ({two / one:.2f}x; scaling efficiency {two / (2 * one):.0%})")
+    cores = os.cpu_count() or 1
+    busy = busy_cores()
+    files = make_pretrain_smoke_files.make_all(cache / "pretrain_smoke_v1", images=8, size=args.size)
+    kwargs = dict(base, **files, size=args.size)
+    configurations = {"one": (1, args.threads), "two": (2, args.threads), "all": (1, cores)}
+    rates, real = {name: [] for name in configurations}, True
+    for _ in range(args.repeats):  # interleaved: a slow spell of the machine touches every configuration alike
+        for name, (processes, threads) in configurations.items():
+            rate, _, real = run(processes, kwargs, args.steps, threads)
+            rates[name].append(rate)
+
+    def figure(name):
+        values = rates[name]
+        return statistics.median(values), f"{statistics.median(values):.3f} samples/s (range {min(values):.3f}-{max(values):.3f})"
+
+    one, one_text = figure("one")
+    two, two_text = figure("two")
+    every, every_text = figure("all")
+    print(f"CPU ({cores} cores), smoke-size models, {args.size} px, global batch 4, {args.steps} steps, "
+          f"median of {args.repeats}" + ("" if real else ", fixed caption embedding (this comfy core has no CLIP-L tokenizer)"))
+    print(f"  1 process,   {args.threads} thread : {one_text}")
+    print(f"  2 processes, {args.threads} thread each (gloo): {two_text}: {two / one:.2f}x, "
+          f"scaling efficiency {two / (2 * one):.0%}")
+    print(f"  1 process,   {cores} threads: {every_text} ({every / one:.2f}x of 1 thread)")
+    if busy is not None and busy > 0.5:
+        print(f"warning: other work used {busy:.1f} cores at the start: it shared these cores, the figures are not clean")
     if not torch.cuda.is_available():
         print("no GPU is present on this machine: run with --gpu on a CUDA machine for the 512 px figures")
 

@@ -8,13 +8,16 @@ For each readable image of --images (and its sub-folders) it writes
 OUT/images/ID.png (RGB, shorter side at most --max-size), OUT/masks/ID.png
 (white = subject) and OUT/depth/ID.png (white = near, as depth ControlNets take
 it), then appends a line to OUT/manifest.jsonl. Captions: a .txt beside the
-image, else --caption-template with --class-word.
+image, else the --caption-model's caption of it, else --caption-template with
+--class-word (the manifest's "caption_source" says which).
 
 Masks and depth maps come from local transformers models (nothing downloads):
 --depth-model a depth-estimation folder (Depth Anything, DPT, ...),
 --mask-model a semantic-segmentation folder (foreground = every pixel whose
 class is not a background class: the model's "background" label and
---background-labels). Users who have their own pass --masks DIR and/or
+--background-labels), --caption-model an image-to-text folder (BLIP, GIT, ...,
+anything transformers' AutoModelForImageTextToText loads; greedy decoding, so
+a re-run writes the same caption). Users who have their own pass --masks DIR and/or
 --depth DIR (files with the same name stem, any image format).
 
 Resumable: images already in the manifest are skipped. Bad images
@@ -113,11 +116,19 @@ def save_png(image, path):
 class Models:
     """The local transformers models; calls are serialised (one model instance shared by the worker threads)."""
 
-    def __init__(self, depth_model=None, mask_model=None, background_labels=DEFAULT_BACKGROUND, device="cpu"):
+    def __init__(self, depth_model=None, mask_model=None, background_labels=DEFAULT_BACKGROUND, device="cpu",
+                 caption_model=None, caption_tokens=40):
         import torch
 
         self.torch, self.device, self.lock = torch, device, threading.Lock()
-        self.depth = self.mask = None
+        self.depth = self.mask = self.captioner = None
+        self.caption_tokens = caption_tokens
+        if caption_model:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.captioner = (AutoProcessor.from_pretrained(caption_model, local_files_only=True),
+                              AutoModelForImageTextToText.from_pretrained(caption_model, local_files_only=True)
+                              .to(device).eval())
         if depth_model:
             from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -150,6 +161,14 @@ class Models:
         scaled = (predicted - low) / (high - low) if high > low else self.torch.zeros_like(predicted)
         return Image.fromarray((scaled.clamp(0, 1) * 255).round().byte().cpu().numpy().astype(numpy.uint8), "L")
 
+    def caption(self, image):
+        """The caption model's greedy caption of the image ('' when it generates only special tokens)."""
+        processor, model = self.captioner
+        with self.lock, self.torch.no_grad():
+            inputs = processor(images=image, return_tensors="pt").to(self.device)
+            tokens = model.generate(**inputs, max_new_tokens=self.caption_tokens, do_sample=False, num_beams=1)
+        return processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+
     def foreground_mask(self, image):
         import numpy
         from PIL import Image
@@ -177,6 +196,23 @@ def companion_map(path, size, what):
     return gray.resize(size, Image.BILINEAR) if gray.size != size else gray
 
 
+def caption_of(path, image, args, models):
+    """(caption, where it came from): NAME.txt beside the image, else the caption model, else the template.
+
+    An empty .txt or an empty generated caption falls through to the next source.
+    """
+    caption_file = pathlib.Path(path).with_suffix(".txt")
+    if caption_file.is_file():
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        if caption:
+            return caption, "txt"
+    if models.captioner is not None:
+        caption = models.caption(image)
+        if caption:
+            return caption, "model"
+    return args.caption_template.format(class_word=args.class_word), "template"
+
+
 def prepare_one(path, args, models):
     """Write one item's three PNGs and return its manifest entry (or raise BadImage)."""
     from PIL import Image
@@ -199,14 +235,10 @@ def prepare_one(path, args, models):
         depth = models.depth_map(image)
     else:
         raise BadImage("no depth map: none in --depth and no --depth-model given")
-    caption_file = pathlib.Path(path).with_suffix(".txt")
-    if caption_file.is_file():
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
-    else:
-        caption = args.caption_template.format(class_word=args.class_word)
+    caption, source = caption_of(path, image, args, models)
     out = pathlib.Path(args.out)
     entry = {"id": ident, "image": f"images/{ident}.png", "mask": f"masks/{ident}.png",
-             "depth": f"depth/{ident}.png", "caption": caption, "source": str(path)}
+             "depth": f"depth/{ident}.png", "caption": caption, "caption_source": source, "source": str(path)}
     save_png(image, out / entry["image"])
     save_png(mask.convert("L"), out / entry["mask"])
     save_png(Image.merge("RGB", [depth.convert("L")] * 3), out / entry["depth"])
@@ -238,7 +270,7 @@ def prepare(args):
     done = done_ids(out)
     todo = [p for p in paths if item_id(p, args.images) not in done]
     models = Models(args.depth_model, args.mask_model, DEFAULT_BACKGROUND + tuple(args.background_labels or ()),
-                    args.device)
+                    args.device, args.caption_model, args.caption_tokens)
     prepared, skipped = [], []
     write_lock = threading.Lock()
     from tqdm.auto import tqdm
@@ -275,6 +307,9 @@ def parser():
     a("--masks", default=None, help="folder of your own masks (white = subject), same name stems as the images")
     a("--depth", default=None, help="folder of your own depth maps (white = near), same name stems")
     a("--background-labels", nargs="*", default=None, help="more segmentation class names counted as background")
+    a("--caption-model", default=None,
+      help="local transformers image-to-text folder (e.g. BLIP) captioning images without a .txt")
+    a("--caption-tokens", type=int, default=40, help="most tokens the caption model writes per caption")
     a("--class-word", default="object", help="class word of the template caption (e.g. dog, toy, person)")
     a("--caption-template", default="a photo of a {class_word}", help="caption for images without a .txt")
     a("--min-size", type=int, default=256, help="images with a shorter side below this are skipped")
@@ -289,7 +324,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if not os.path.isdir(args.images):
         sys.exit(f"error: --images '{args.images}' is not a folder")
-    for name in ("depth_model", "mask_model", "masks", "depth"):
+    for name in ("depth_model", "mask_model", "caption_model", "masks", "depth"):
         value = getattr(args, name)
         if value and not os.path.isdir(value):
             sys.exit(f"error: --{name.replace('_', '-')} '{value}' is not a folder")

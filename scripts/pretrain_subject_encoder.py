@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import signal
 import sys
 
 import torch
@@ -59,8 +60,14 @@ def parser():
     return p
 
 
+def _stop(signum, frame):
+    """SIGTERM (Slurm's pre-emption, torchrun stopping its workers) ends the run as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     sys.path.insert(0, os.getcwd())
     if not torch.cuda.is_available():
         import comfy.cli_args
@@ -85,7 +92,10 @@ def main(argv=None):
     except DreamTunerInputError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last complete checkpoint in OUT/checkpoints is kept; continue with --resume latest")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: the last complete checkpoint in {os.path.join(args.out, 'checkpoints')} is kept; "
+                  "continue with the same command and --resume latest", file=sys.stderr)
+        sys.exit(130)
     if trainer.world.main:
         print(f"wrote {os.path.join(args.out, 'subject_encoder.safetensors')} after {trainer.step} steps")
 

@@ -89,7 +89,7 @@ def test_prepares_good_images_lists_bad_ones_and_resumes(models, tmp_path):
     entries = {e["id"]: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert set(entries) == good
     assert entries["rgb"]["caption"] == "a photo of my red toy"
-    assert entries["gray"]["caption"] == "a photo of a toy"
+    assert entries["gray"]["caption"] == "a photo of a toy" and entries["gray"]["caption_source"] == "template"
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     processor = AutoImageProcessor.from_pretrained(models / "depth", local_files_only=True)
@@ -144,6 +144,62 @@ def test_user_masks_and_depth_are_used_as_given(tmp_path):
     assert torch.equal(augmented[0]["reference"], first)  # a function of (seed, epoch, index)
     augmented.set_epoch(1)
     assert not torch.equal(augmented[0]["reference"], first)
+
+
+@pytest.fixture(scope="module")
+def caption_model(tmp_path_factory):
+    """A tiny random-weight BLIP captioner saved as a local folder; its LM head never ends a caption early."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("captioner")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "toy", "dog", "on", "the",
+             "table", "cat", "blue"]
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    processor = transformers.BlipProcessor(image_processor=transformers.BlipImageProcessor(
+        size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    torch.manual_seed(0)
+    model = transformers.BlipForConditionalGeneration(transformers.BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, encoder_hidden_size=16, bos_token_id=2, sep_token_id=3, pad_token_id=0,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=32, patch_size=8), projection_dim=16))
+    with torch.no_grad():  # special tokens never win: every caption has its full length of words
+        model.text_decoder.cls.predictions.bias[:5] = -100.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_captions_come_from_txt_then_the_caption_model(caption_model, tmp_path):
+    """A non-empty NAME.txt wins; otherwise the caption model's greedy caption, computed here by hand."""
+    from transformers import AutoProcessor, AutoModelForImageTextToText
+
+    rng = numpy.random.default_rng(2)
+    for sub in ("in", "masks", "depth"):
+        (tmp_path / sub).mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=numpy.uint8)).save(tmp_path / "in" / f"{name}.png")
+        Image.fromarray(numpy.full((40, 40), 255, numpy.uint8)).save(tmp_path / "masks" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=numpy.uint8)).save(tmp_path / "depth" / f"{name}.png")
+    (tmp_path / "in" / "a.txt").write_text("my own caption\n")
+    (tmp_path / "in" / "b.txt").write_text("  \n")  # empty: falls through to the model
+    out = tmp_path / "out"
+    prepared, skipped = run(["--images", tmp_path / "in", "--out", out, "--masks", tmp_path / "masks",
+                             "--depth", tmp_path / "depth", "--caption-model", caption_model, "--caption-tokens", 6,
+                             "--min-size", 32, "--quiet"])
+    assert skipped == []
+    entries = {e["id"]: e for e in prepared}
+    assert (entries["a"]["caption"], entries["a"]["caption_source"]) == ("my own caption", "txt")
+
+    processor = AutoProcessor.from_pretrained(caption_model, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(caption_model, local_files_only=True).eval()
+    for ident in ("b", "c"):
+        image = Image.open(out / entries[ident]["image"])
+        with torch.no_grad():
+            tokens = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=6, do_sample=False)
+        expected = processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+        assert len(expected.split()) == 6  # six words, none special
+        assert (entries[ident]["caption"], entries[ident]["caption_source"]) == (expected, "model")
 
 
 def test_a_folder_without_manifest_is_named(tmp_path):
