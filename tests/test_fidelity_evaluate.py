@@ -128,7 +128,7 @@ def test_a_sweep_writes_csv_table_and_plot_and_resumes(dataset, tmp_path, models
     assert means["omega_ref=3"] > means["omega_ref=0"]
 
     table = (out / evaluate.TABLE_NAME).read_text()
-    assert f"| omega_ref=3 | 16 |" not in table and f"| omega_ref=3 | 8 | {means['omega_ref=3']:.3f} |" in table
+    assert "| omega_ref=3 | 16 |" not in table and f"| omega_ref=3 | 8 | {means['omega_ref=3']:.3f} |" in table
     assert "| omega_ref=0 (live) | 4 |" in table and "| DreamTuner | 0.281 | 0.767 |" in table
     assert "## Per subject: omega_ref=3" in table and "| can | 4 |" in table
     with Image.open(out / evaluate.PLOT_NAME) as picture:

@@ -4,14 +4,13 @@ import math
 import os
 
 import pytest
-import safetensors.torch
 import torch
 
 import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
 from comfyui_dreamtuner.dreamtuner_core.encoder_file import load_encoder
 from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import SubjectEncoderPatch
-from test_finetune import folders_in, subject_image
+from test_finetune import adapter_rounding_tolerance, against_the_host_loader, folders_in, subject_image
 from test_subject_encoder import apply, make_encoder
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: no thread hand-offs
@@ -26,44 +25,16 @@ def parts():
     return dict(model=model, clip=clip, vae=vae, image=image, mask=mask, ref=ref, reg=reg)
 
 
-def rounding_tolerance(adapters, modules, out):
-    """float32 rounding of W x + delta(x) against (W + delta) x: eps * sqrt(fan_in) per layer, sqrt(#layers)."""
-    fan_in = max(m.weight[0].numel() for m in modules)
-    return torch.finfo(torch.float32).eps * math.sqrt(fan_in) * math.sqrt(len(adapters)) * float(out.abs().max())
-
-
 def test_full_fine_tuning_is_saved_exactly_as_weight_differences(parts, tmp_path):
-    import comfy.lora
-    import comfy.model_management
-    import comfy.utils
-
     model = parts["model"]
     state = ft.train(model, parts["clip"], ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_FULL)),
                      parts["ref"], parts["reg"])
     lora = state.lora_state_dict()
     assert lora and all(k.endswith(".diff") for k in lora)
-    path = str(tmp_path / "full.safetensors")
-    safetensors.torch.save_file(lora, path)
-    patches = comfy.lora.load_lora(comfy.utils.load_torch_file(path, safe_load=True),
-                                   comfy.lora.model_lora_keys_unet(model.model, {}))
-    assert len(patches) == len(lora)
-    patched = model.clone()
-    patched.add_patches(patches, 1.0)
-    generator = torch.Generator().manual_seed(3)
-    x, sigma = torch.randn((2, 4, 4, 4), generator=generator), torch.tensor([2.0, 6.0])
-    cond = torch.randn((2, 77, 32), generator=generator)
-    comfy.model_management.load_models_gpu([model])
-    with torch.no_grad(), state.active():
-        trained = ft.predict(model, x, sigma, cond)
-    comfy.model_management.load_models_gpu([patched])
-    with torch.no_grad():
-        loaded = ft.predict(patched, x, sigma, cond)
-    comfy.model_management.load_models_gpu([model])
-    modules = [m for m, _ in ft.unet_targets(model).values()]
-    tolerance = rounding_tolerance(state.adapters, modules, trained)
-    assert (trained - loaded).abs().max() <= tolerance
-    with torch.no_grad():
-        assert (trained - ft.predict(model, x, sigma, cond)).abs().max() > 100 * tolerance
+    compared = against_the_host_loader(model, state, str(tmp_path / "full.safetensors"))
+    assert compared["patches"] == len(lora)
+    assert compared["error"] <= compared["tolerance"]
+    assert compared["change"] > 100 * compared["tolerance"]
 
 
 def test_text_encoder_training_goes_into_the_same_file_and_the_core_loader_applies_it(parts, tmp_path):
@@ -90,7 +61,7 @@ def test_text_encoder_training_goes_into_the_same_file_and_the_core_loader_appli
             state.slots["l"].remove()
         untrained = clip.encode_from_tokens(state.subject_tokens)
     modules = [m for m, _ in ft.text_targets(clip).values()]
-    tolerance = rounding_tolerance(state.text_adapters, modules, trained) * 4  # layer norms in between
+    tolerance = adapter_rounding_tolerance(state.text_adapters, modules, trained) * 4  # layer norms in between
     assert (trained - loaded).abs().max() <= tolerance
     assert (trained - untrained).abs().max() > 100 * tolerance
 

@@ -15,7 +15,6 @@ cannot build it).
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 import signal
 import subprocess
