@@ -4,10 +4,12 @@
                                                             # (one core each), 3 repeats, medians
     python benchmarks/pretrain_benchmark.py --gpu           # one GPU: full-size SD1.5 / ViT-H shapes, 512 px,
                                                             # global batch 16, samples/s and peak memory
+    python benchmarks/pretrain_benchmark.py --full-size-on-cpu --size 64 --steps 1
+                                                            # the same full-size run on the CPU, small: a check
 
 Models are random-weight files in the real formats (scripts/make_pretrain_smoke_files.py; with --gpu the
 full-size SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet of tests/tier2_assets.py), loaded by
-the host's loaders. Each measurement runs ``--steps`` optimizer steps after one warm-up step, in freshly
+the host's loaders (run it from the ComfyUI folder with ComfyUI's Python to make the full-size files). Each measurement runs ``--steps`` optimizer steps after one warm-up step, in freshly
 spawned processes (the 1-process figure too, so both start alike); the figure is samples / wall time of the
 measured steps, between two barriers (so the slowest rank counts).
 
@@ -102,7 +104,12 @@ def _measure(rank, world_size, port, kwargs, steps, result, threads):
     world.barrier()
     elapsed = time.perf_counter() - start
     if world.main:
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if world.device.type == "cuda" else None
+        if world.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:  # the process's peak resident memory (Linux: kB), models included
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         with open(result, "w") as handle:
             handle.write(f"{steps * trainer.config.global_batch / elapsed} {peak} {int(text is None)}")
     if dist.is_initialized():
@@ -124,20 +131,27 @@ def run(world_size, kwargs, steps, threads=None):
     return float(rate), (None if peak == "None" else float(peak)), real_text == "1"
 
 
-def gpu_files(folder):
-    """Full-size random-weight SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet (tests/tier2_assets)."""
+# The full-size files, named as the tier-2 tests cache them (tests/tier2.py), so one copy serves both.
+FULL_SIZE = {"checkpoint": ("sd15-random-v2.safetensors", "sd15_checkpoint"),
+             "controlnet": ("sd15-controlnet-random-v2.safetensors", "sd15_controlnet"),
+             "clip_vision": ("vit-h-random-v2.safetensors", "vit_h_clip_vision")}
+
+
+def full_size_files(cache, size):
+    """Full-size random-weight SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet (tests/tier2_assets),
+    reused from the tier-2 cache when there, and 32 prepared images of ``size`` px."""
     import make_pretrain_smoke_files
     import tier2_assets
 
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"checkpoint": folder / "sd15.safetensors", "controlnet": folder / "controlnet.safetensors",
-             "clip_vision": folder / "vit_h.safetensors", "data": folder / "data"}
-    for key, maker in (("checkpoint", tier2_assets.sd15_checkpoint), ("controlnet", tier2_assets.sd15_controlnet),
-                       ("clip_vision", tier2_assets.vit_h_clip_vision)):
+    cache = pathlib.Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, (name, maker) in FULL_SIZE.items():
+        files[key] = cache / name
         if not files[key].exists():
-            maker(str(files[key]))
-    make_pretrain_smoke_files.data(files["data"], count=32, size=512)
+            getattr(tier2_assets, maker)(str(files[key]))
+    files["data"] = cache / f"pretrain_full_data_{size}"
+    make_pretrain_smoke_files.data(files["data"], count=32, size=size)
     return {k: str(v) for k, v in files.items()}
 
 
@@ -146,25 +160,34 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3, help="CPU: rounds of the three configurations")
     parser.add_argument("--threads", type=int, default=1, help="CPU: threads per process in the 1 vs 2 comparison")
-    parser.add_argument("--size", type=int, default=32, help="CPU: training resolution of the smoke-size run (px)")
+    parser.add_argument("--size", type=int, default=32, help="CPU: training resolution (px)")
     parser.add_argument("--files", default=None, help="folder for the model files (default: the test cache)")
     parser.add_argument("--gpu", action="store_true", help="measure on one GPU at 512 px, global batch 16")
+    parser.add_argument("--full-size-on-cpu", action="store_true",
+                        help="run the --gpu configuration's full-size models on the CPU at --size, global batch 2")
     args = parser.parse_args(argv)
     _setup_host()
     cache = pathlib.Path(args.files or pathlib.Path.home() / ".cache" / "comfyui-dreamtuner")
     base = dict(size=32, global_batch=4, batch_per_device=2, lr=1e-5, max_steps=10 ** 6, checkpoint_every=10 ** 6,
                 workers=0, progress=False, encoder_dtype="float32")
 
-    if args.gpu:
-        if not torch.cuda.is_available():
-            print("no GPU is present on this machine: the GPU figures (512 px, global batch 16) need one")
+    if args.gpu or args.full_size_on_cpu:
+        if args.gpu and not torch.cuda.is_available():
+            print("no GPU is present on this machine: the GPU figures (512 px, global batch 16) need one "
+                  "(--full-size-on-cpu checks the same run on the CPU at a small size)")
             return
-        files = gpu_files(cache / "pretrain_gpu_v1")
-        for batch in (1, 2, 4):
-            kwargs = dict(base, **files, size=512, global_batch=16, batch_per_device=batch, workers=4)
+        size = 512 if args.gpu else args.size
+        global_batch, batches = (16, (1, 2, 4)) if args.gpu else (2, (1,))
+        files = full_size_files(cache, size)
+        for batch in batches:
+            kwargs = dict(base, **files, size=size, global_batch=global_batch, batch_per_device=batch,
+                          workers=4 if args.gpu else 0)
             rate, peak, real = run(1, kwargs, args.steps)
-            print(f"GPU {torch.cuda.get_device_name()}: 512 px, global batch 16 (per-step batch {batch}, "
-                  f"accumulation {16 // batch}), bf16 autocast: {rate:.2f} samples/s, peak {peak:.1f} GiB allocated"
+            where = (f"GPU {torch.cuda.get_device_name()}, bf16 autocast" if args.gpu else
+                     f"CPU ({os.cpu_count()} cores), fp32, a check of the full-size path, not a GPU figure")
+            memory = f", peak {peak:.1f} GiB {'allocated' if args.gpu else 'resident'}" if peak is not None else ""
+            print(f"{where}: full-size SD1.5 + depth ControlNet + ViT-H/14, {size} px, global batch {global_batch} "
+                  f"(per-step batch {batch}, accumulation {global_batch // batch}): {rate:.3f} samples/s{memory}"
                   + ("" if real else " (fixed caption embedding)"))
         return
 

@@ -235,7 +235,12 @@ def load_clip_vision(path, config_path=None):
             raise DreamTunerInputError(f"--clip-vision '{path}' lacks {len(missing)} tensors of the model "
                                        f"--clip-vision-config describes (e.g. {missing[0]}).")
         return model
-    model = comfy.clip_vision.load(path)
+    try:
+        model = comfy.clip_vision.load(path)
+    except FileNotFoundError as error:  # the PyPI comfy core ships without the CLIP vision config files
+        raise DreamTunerInputError(
+            f"this comfy package cannot build the model of --clip-vision '{path}' ({error}); run the script with "
+            "ComfyUI's own Python from the ComfyUI folder, or give --clip-vision-config.") from None
     if model is None:
         raise DreamTunerInputError(f"--clip-vision '{path}' is not a CLIP vision model the host recognises "
                                    "(use OpenCLIP ViT-H/14, or give --clip-vision-config).")

@@ -362,3 +362,17 @@ def test_bf16_autocast_trains_with_fp32_master_weights(smoke_files, tmp_path):
     t.autocast = torch.bfloat16
     t.run(max_steps=1)
     assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for v in s.values() if v.ndim)
+
+
+def test_a_host_without_the_clip_vision_config_is_named(tmp_path):
+    """The PyPI core lacks comfy/clip_vision_config_h.json: a ViT-H file gets the fix, not a FileNotFoundError."""
+    import comfy.clip_vision
+    import safetensors.torch
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+
+    if os.path.exists(os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_h.json")):
+        pytest.skip("this comfy package has the ViT-H config (ComfyUI's own): the file loads there")
+    path = tmp_path / "vit_h.safetensors"  # the key the host's loader recognises ViT-H/14 by
+    safetensors.torch.save_file({"vision_model.encoder.layers.30.layer_norm1.weight": torch.ones(4)}, str(path))
+    with pytest.raises(DreamTunerInputError, match="ComfyUI's own Python from the ComfyUI folder"):
+        load_clip_vision(str(path))
