@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import pathlib
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import DreamTunerInputError
+from .files import replacing
 from .fidelity import LABELS, METRICS
 
 DATA_FILE = pathlib.Path(__file__).resolve().parent / "data" / "dreambench.json"
@@ -155,16 +155,9 @@ COLUMNS = ("setting", "subject", "class", "live", "prompt_index", "prompt", "see
 
 
 def write_atomic(path, text: str):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
+    """Write ``text`` to ``path`` through a temporary file in the same folder (:func:`.files.replacing`)."""
+    with replacing(path) as partial, open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def csv_text(rows: Sequence[dict]) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 import safetensors
-import safetensors.torch
 
 from .errors import DreamTunerInputError
+from .files import write_safetensors
 from .subject_encoder import EncoderConfig, SubjectEncoder
 
 FORMAT = "dreamtuner.subject_encoder"
@@ -29,9 +29,7 @@ def save_encoder(encoder: SubjectEncoder, path, extra_metadata=None):
     metadata = {**(extra_metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
                 **encoder.config.to_metadata()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    partial = f"{path}.partial"
-    safetensors.torch.save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
+    write_safetensors(tensors, metadata, path)
 
 
 def load_encoder(path) -> SubjectEncoder:

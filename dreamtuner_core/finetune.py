@@ -51,11 +51,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import safetensors
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from .encoder_file import load_encoder, save_encoder
 from .errors import DreamTunerInputError
+from .files import write_safetensors
 from .references import MASK_SUBJECT_IS_ONE
 from .subject_encoder_patch import white_background
 
@@ -552,36 +553,6 @@ def existing_run(paths, digest, overwrite, embeddings_folder, name):
     return False
 
 
-def safetensors_bytes(tensors, metadata):
-    """A safetensors file whose header lists its keys in sorted order, so equal content gives equal bytes.
-
-    safetensors keeps metadata in a hash map and writes it in an order that changes between runs; the
-    header (compact JSON, space-padded to 8 bytes) is re-serialised sorted. Tensor offsets are relative to
-    the data section, which is unchanged.
-    """
-    raw = safetensors.torch.save(tensors, metadata=metadata)
-    length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + length:]
-
-
-def write_atomic(tensors, metadata, path):
-    """safetensors written to a temporary file in the same folder, then renamed (never half a file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = f"{path}.partial"
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(safetensors_bytes(tensors, metadata))
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
 def load_lora_file(path):
     import comfy.utils
 
@@ -829,16 +800,10 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
         metadata.update({"ss_network_dim": str(settings.rank), "ss_network_alpha": str(settings.rank)})
     if interrupt is not None:
         interrupt()
-    write_atomic(state.lora_state_dict(), metadata, paths["lora"])
-    write_atomic(state.embedding_state_dict(), metadata, paths["embedding"])
+    write_safetensors(state.lora_state_dict(), metadata, paths["lora"])
+    write_safetensors(state.embedding_state_dict(), metadata, paths["embedding"])
     if state.encoder is not None:
-        from .encoder_file import FORMAT as ENCODER_FORMAT
-        from .encoder_file import FORMAT_VERSION as ENCODER_VERSION
-
-        encoder_metadata = {"format": ENCODER_FORMAT, "format_version": str(ENCODER_VERSION),
-                            **state.encoder.config.to_metadata(), "dreamtuner.finetune_hash": digest}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.encoder.state_dict().items()}
-        write_atomic(tensors, encoder_metadata, paths["encoder"])
+        save_encoder(state.encoder, paths["encoder"], extra_metadata={"dreamtuner.finetune_hash": digest})
     return _from_files(model, clip, paths, encoder_patch, reused=False)
 
 
@@ -848,8 +813,6 @@ def _from_files(model, clip, paths, encoder_patch, reused):
     out_model, out_clip = apply_lora(model, clip, lora_sd)
     metadata = _metadata_of(paths["lora"])
     if encoder_patch is not None and "encoder" in paths:
-        from .encoder_file import load_encoder
-
         out_model = _swap_encoder(out_model, encoder_patch, load_encoder(paths["encoder"]))
     losses = json.loads(metadata.get("dreamtuner.losses", "[]"))
     ref_losses = json.loads(metadata.get("dreamtuner.reference_losses", "[]"))

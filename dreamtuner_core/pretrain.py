@@ -29,6 +29,7 @@ metadata, no pickle) are written to a temporary file and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -48,6 +49,7 @@ import torch.distributed as dist
 
 from .encoder_file import load_encoder, save_encoder
 from .errors import DreamTunerInputError
+from .files import replacing, write_safetensors
 from .pretrain_data import Augmentation, PreparedDataset, sample_seed, seeded_rng
 from .subject_encoder import (PAPER_CLIP_LAYERS, EncoderConfig, SubjectEncoder, attention_layout,
                               check_compatible)
@@ -475,7 +477,7 @@ class Trainer:
         for i, (epoch, batch) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = getattr(self.model, "no_sync", None)
-            context = sync() if (sync and not last) else _null()
+            context = sync() if (sync and not last) else contextlib.nullcontext()
             with context:
                 loss = self.micro_loss(epoch, batch) / len(micro_batches)
                 loss.backward()
@@ -580,7 +582,7 @@ class Trainer:
                      "rng": states, "config": _jsonable(dataclasses.asdict(self.config))}
             metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state), **self.encoder.config.to_metadata()}
             path = out.checkpoint_path(self.step)
-            _atomic_safetensors(tensors, metadata, path)
+            write_safetensors(tensors, metadata, path)
             save_encoder(self.export_encoder(), out.encoder_path(self.step), extra_metadata=self.training_metadata())
             out.prune(self.config.keep_checkpoints)
             out.plot()
@@ -625,14 +627,6 @@ class Trainer:
                   "samples per epoch, shared out differently, so the run is not bit-identical to an uninterrupted one")
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress(initial, total, enabled):
     if not enabled:
         return None
@@ -653,15 +647,6 @@ def _jsonable(value):
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _atomic_safetensors(tensors, metadata, path):
-    """Write to a temporary name in the same folder, then rename: a killed run leaves the old file or the new one."""
-    import safetensors.torch
-
-    partial = f"{path}.partial"
-    safetensors.torch.save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
 
 
 def resolve_resume(resume, out):
@@ -719,12 +704,10 @@ class RunFiles:
         if not self.main or not os.path.exists(self.csv):
             return
         rows = [r for r in self.rows() if int(r["step"]) <= step]
-        partial = f"{self.csv}.partial"
-        with open(partial, "w", newline="") as handle:
+        with replacing(self.csv) as partial, open(partial, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["step", "loss", "lr", "samples_per_s"])
             writer.writerows([[r["step"], r["loss"], r["lr"], r["samples_per_s"]] for r in rows])
-        os.replace(partial, self.csv)
 
     def plot(self):
         """loss.png from loss.csv (matplotlib is optional: the [train] extra; without it no plot)."""
@@ -753,10 +736,11 @@ class RunFiles:
         axis.set_title("subject-encoder pretraining")
         axis.legend()
         figure.tight_layout()
-        partial = os.path.join(self.out, "loss.partial.png")
-        figure.savefig(partial, dpi=100)
-        plt.close(figure)
-        os.replace(partial, os.path.join(self.out, "loss.png"))
+        try:
+            with replacing(os.path.join(self.out, "loss.png")) as partial:
+                figure.savefig(partial, format="png", dpi=100)
+        finally:
+            plt.close(figure)
 
 
 def train(config: TrainConfig, on_step=None, text_conditioning=None):

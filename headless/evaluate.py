@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 try:
-    from ..dreamtuner_core import dreambench, fidelity
+    from ..dreamtuner_core import dreambench, fidelity, files
     from ..dreamtuner_core.errors import DreamTunerInputError
 except ImportError:  # 'headless' imported as a top-level package by scripts/evaluate.py
-    from dreamtuner_core import dreambench, fidelity
+    from dreamtuner_core import dreambench, fidelity, files
     from dreamtuner_core.errors import DreamTunerInputError
 
 DEFAULT_SETTING = "default"
@@ -399,15 +399,11 @@ def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower left", fontsize=7)
     figure.tight_layout()
-    path = pathlib.Path(path)
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        figure.savefig(partial, format="png", dpi=120)
-        os.replace(partial, path)
+        with files.replacing(path) as partial:
+            figure.savefig(partial, format="png", dpi=120)
     finally:
         plt.close(figure)
-        if partial.exists():
-            partial.unlink()
     return path
 
 

@@ -108,9 +108,10 @@ def find_companion(folder, stem):
 
 def save_png(image, path):
     """Write a PNG through a temporary name, so an interrupted run never leaves a half file under the name."""
-    partial = f"{path}.partial.png"
-    image.save(partial)
-    os.replace(partial, path)
+    from dreamtuner_core.files import replacing
+
+    with replacing(path) as partial:
+        image.save(partial, format="PNG")
 
 
 class Models:
