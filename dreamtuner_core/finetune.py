@@ -568,16 +568,11 @@ def apply_lora(model, clip, lora_sd):
 
 # ----------------------------------------------------------------------------- training
 
-def _target_scale(model_sampling, sigma, like):
-    """b of ``calculate_denoised = a * x + b * output`` for each sigma (host's own parametrisation)."""
-    ones = torch.ones((sigma.shape[0],) + (1,) * (like.ndim - 1), device=like.device, dtype=torch.float32)
-    return model_sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones))
-
-
 def prediction_loss(model_sampling, denoised, x0, sigma):
-    """MSE of the raw output against its target (eps or v): ``(denoised - x0) / b`` per item."""
-    b = _target_scale(model_sampling, sigma, denoised)
-    return (((denoised.float() - x0.float()) / b) ** 2).mean(dim=tuple(range(1, denoised.ndim)))
+    """MSE of the raw output against its target (eps or v), per item (:func:`.host.prediction_error`)."""
+    from .host import prediction_error
+
+    return prediction_error(model_sampling, sigma, denoised, x0).pow(2).mean(dim=tuple(range(1, denoised.ndim)))
 
 
 def _adm(model, pooled, height, width):
@@ -841,21 +836,31 @@ def _swap_encoder(model, old_patch, encoder):
     """A clone whose subject encoder patch uses the trained ``encoder`` (same beta and sigma range)."""
     from .subject_encoder_patch import SubjectEncoderPatch
 
-    with torch.no_grad():
-        tokens = encoder.encode(old_patch.features.float()).mean(dim=0, keepdim=True)
-    patch = SubjectEncoderPatch(encoder, tokens, old_patch.beta, old_patch.sigma_start, old_patch.sigma_end)
-    patch.features = old_patch.features
+    patch = SubjectEncoderPatch.from_features(encoder, old_patch.features, old_patch.beta, old_patch.sigma_start,
+                                              old_patch.sigma_end)
     return _replace_patch(model, old_patch, patch)
 
 
 class _TrainableEncoderPatch:
-    """Eq. 1 during training: SE(r) recomputed each call through the trainable ResBlocks."""
+    """Eq. 1 during training: the S-E-A layers read SE(r) through the trainable ResBlocks.
+
+    :meth:`encode` computes SE(r) once per step, before the UNet's forward; every
+    S-E-A layer of that forward reads those tokens (the host calls a middle_patch
+    once per transformer block, so encoding inside the call would run the ResBlocks,
+    forward and backward, once per block).
+    """
 
     def __init__(self, patch, encoder):
         self.patch, self.encoder = patch, encoder
+        self.features = self.tokens = None
 
     def __deepcopy__(self, memo):
         return self
+
+    def encode(self, device):
+        if self.features is None:  # a copy outside inference mode (the node's features may be inference tensors)
+            self.features = self.patch.features.to(device=device, dtype=torch.float32).clone()
+        self.tokens = self.encoder.encode(self.features).mean(dim=0, keepdim=True)
 
     def __call__(self, x, extra_options):
         from . import host
@@ -866,10 +871,8 @@ class _TrainableEncoderPatch:
         name = layer_name(layer) if layer is not None else None
         if name not in self.encoder.attention:
             return x
-        features = self.patch.features.to(device=x.device, dtype=torch.float32).clone()  # may be an inference tensor
-        tokens = self.encoder.encode(features).mean(dim=0, keepdim=True)
         attention = self.encoder.attention[name]
-        k, v = attention.to_k(tokens), attention.to_v(tokens)
+        k, v = attention.to_k(self.tokens), attention.to_v(self.tokens)
         fn = host.attention_function()
         out = subject_encoder_attention(x.float(), attention, k, v, self.patch.beta, fn,
                                         **host.attention_kwargs(fn, extra_options))
@@ -929,10 +932,11 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
     if settings.train_text_encoder:
         text_adapters = {key: Adapter(module, kind, settings.rank, generator)
                          for key, (module, _) in text_targets(clip).items()}
-    encoder = None
+    encoder = trainable = None
     if encoder_patch is not None:
         encoder = _trainable_encoder(encoder_patch)
-        work = _replace_patch(work, encoder_patch, _TrainableEncoderPatch(encoder_patch, encoder))
+        trainable = _TrainableEncoderPatch(encoder_patch, encoder)
+        work = _replace_patch(work, encoder_patch, trainable)
     state = TrainedState(adapters, text_adapters, slots, encoder, [], [], subject_tokens)
 
     mm.load_models_gpu([work, clip.patcher], force_full_load=True,
@@ -967,6 +971,9 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
                 for step in range(int(settings.steps)):
                     if interrupt is not None:
                         interrupt()
+                    if trainable is not None:
+                        with _autocast(device):  # as the UNet's forward, where SE(r) used to be computed
+                            trainable.encode(device)
                     loss, reference_loss = _step(work, clip, model_sampling, reference, regular, subject_tokens,
                                                  plain_tokens if text_adapters else None, plain, generator, device,
                                                  interrupt)

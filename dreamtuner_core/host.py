@@ -15,6 +15,7 @@ import functools
 import inspect
 
 import comfy.ldm.modules.attention as attention_module
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from .errors import DreamTunerInputError
@@ -122,6 +123,24 @@ def latent_channels(model) -> int:
 
 def model_sampling(model):
     return model.get_model_object("model_sampling")
+
+
+def output_scale(model_sampling, sigma, like):
+    """b of ``calculate_denoised(sigma, output, x) = a * x + b * output`` per sigma, shaped to broadcast over ``like``."""
+    ones = torch.ones((sigma.shape[0],) + (1,) * (like.ndim - 1), device=like.device, dtype=torch.float32)
+    return model_sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones))
+
+
+def prediction_error(model_sampling, sigma, denoised, x0):
+    """Raw model output minus the model's own prediction target (eps or v), for any ``model_sampling``.
+
+    ``calculate_denoised`` is affine in the raw output: denoised = a(x) + b * output,
+    so ``(denoised - x0) / b`` = output - target, where target is the output whose
+    denoised value is x0. b comes from the model's own formula, so eps and v
+    models (and any other affine parameterisation) get their own targets. The
+    training losses of both DreamTunerFinetune and pretraining are its mean square.
+    """
+    return (denoised.float() - x0.float()) / output_scale(model_sampling, sigma, denoised)
 
 
 def describe(obj) -> str:

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from .encoder_file import load_encoder, save_encoder
 from .errors import DreamTunerInputError
 from .files import replacing, write_safetensors
+from .host import prediction_error
 from .pretrain_data import Augmentation, PreparedDataset, sample_seed, seeded_rng
 from .subject_encoder import (PAPER_CLIP_LAYERS, EncoderConfig, SubjectEncoder, attention_layout,
                               check_compatible)
@@ -307,19 +308,6 @@ def _copy_if_trainable(tensor):
 
 def _same(tensor):
     return tensor
-
-
-def prediction_error(model_sampling, sigma, denoised, x0):
-    """Raw model output minus the model's own prediction target (eps or v), for any ``model_sampling``.
-
-    ``calculate_denoised`` is affine in the raw output: denoised = a(x) + b * output,
-    so ``(denoised - x0) / b`` = output - target, where target is the output whose
-    denoised value is x0. b comes from the model's own formula, so eps and v
-    models (and any other affine parameterisation) get their own targets.
-    """
-    ones, zeros = torch.ones_like(x0), torch.zeros_like(x0)
-    scale = model_sampling.calculate_denoised(sigma, ones, zeros)
-    return (denoised - x0) / scale
 
 
 def enable_gradient_checkpointing(unet):

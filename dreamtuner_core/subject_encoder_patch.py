@@ -73,6 +73,16 @@ class SubjectEncoderPatch:
                                      for name, attention in encoder.attention.items()})
         self._patcher = None
 
+    @classmethod
+    def from_features(cls, encoder: SubjectEncoder, features, beta, sigma_start, sigma_end):
+        """The patch for the CLIP layer ``features`` of one or more photos of the subject (SE(r) averaged)."""
+        features = features.float().cpu()
+        with torch.no_grad():
+            tokens = encoder.encode(features).mean(dim=0, keepdim=True)
+        patch = cls(encoder, tokens, beta, sigma_start, sigma_end)
+        patch.features = features  # DreamTunerFinetune re-encodes them with trained ResBlocks
+        return patch
+
     def __deepcopy__(self, memo):
         return self
 
@@ -141,10 +151,7 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
             "e.g. OpenCLIP ViT-H/14 as used by IP-Adapter). Load the CLIP vision model the encoder was trained with.")
     prepared = white_background(image, mask, mask_mode)
     features = clip_layer_features(clip_vision, prepared, config.clip_layers)
-    with torch.no_grad():
-        tokens = encoder.encode(features.float().cpu()).mean(dim=0, keepdim=True)
-    patch = SubjectEncoderPatch(encoder, tokens, beta, sigma_start, sigma_end)
-    patch.features = features.float().cpu()  # DreamTunerFinetune re-encodes them with trained ResBlocks
+    patch = SubjectEncoderPatch.from_features(encoder, features, beta, sigma_start, sigma_end)
     clone = model.clone()
     clone.set_model_patch(patch, "middle_patch")
     return clone, prepared

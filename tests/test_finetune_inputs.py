@@ -8,6 +8,7 @@ import torch
 import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+from comfyui_dreamtuner.dreamtuner_core.host import output_scale
 from comfyui_dreamtuner.dreamtuner_core.references import MASK_BACKGROUND_IS_ONE
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: no thread hand-offs
@@ -121,7 +122,7 @@ def test_prediction_targets_are_eps_and_v_as_computed_by_hand():
         expected = ((output - target(eps, x0, s)) ** 2).mean(dim=(1, 2, 3))
         got = ft.prediction_loss(sampling, denoised, x0, sigma)
         # denoised = a x_t + b output and back: a few float32 roundings relative to |x_t| / |b|.
-        b = ft._target_scale(sampling, sigma, x0).abs().view(-1)
+        b = output_scale(sampling, sigma, x0).abs().view(-1)
         tolerance = 8 * torch.finfo(torch.float32).eps * (x_t.abs().amax(dim=(1, 2, 3)) / b + 1) * expected.sqrt() * 4
         assert ((got - expected).abs() <= tolerance + 1e-6 * expected).all(), (family, got, expected)
 
