@@ -122,8 +122,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_settings(settings: FinetuneSettings) -> None:
-    check_name(settings.name)
+def check_settings(settings: FinetuneSettings) -> str:
+    """Every setting checked; returns the subject name as the files use it (:func:`check_name`)."""
+    name = check_name(settings.name)
     if not settings.class_word or not settings.class_word.strip():
         raise DreamTunerInputError("class_word is empty: give the subject's class, e.g. 'dog', 'girl', 'teapot'.")
     if "embedding:" in settings.class_word:
@@ -141,6 +142,7 @@ def check_settings(settings: FinetuneSettings) -> None:
             raise DreamTunerInputError(
                 f"{label} = {value} is out of range [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]. Paper: [S*] 5e-3, full "
                 "fine-tuning of the UNet and text encoder 1e-6; a LoRA usually 1e-4.")
+    return name
 
 
 def check_image(image, label: str, min_side: int = 8) -> torch.Tensor:
@@ -254,7 +256,7 @@ def _insert_placeholder(pairs, placeholder, end_token):
     position = ids.index(end_token, 1)
     item = (placeholder,) + tuple(pairs[position - 1][1:])
     out = pairs[:position] + [item] + pairs[position:]
-    return out[:-1] if len(out) > len(pairs) and ids[-1] == ids[-2] else out, position
+    return out[:-1] if len(out) > len(pairs) and ids[-1] == ids[-2] else out
 
 
 def _pick_placeholder(tokenizer, used):
@@ -267,22 +269,21 @@ def _pick_placeholder(tokenizer, used):
 
 
 def build_prompts(clip, class_word):
-    """(tokens of 'a <class>', tokens of 'a <class> [S*]', {key: TokenSlot}, {key: position of [S*]})."""
+    """(tokens of 'a <class>', tokens of 'a <class> [S*]', {key: TokenSlot})."""
     plain, class_ids = _class_tokens(clip, class_word)
-    subject, slots, positions = {}, {}, {}
+    subject, slots = {}, {}
     for key, (tokenizer, text_model) in _text_encoders(clip).items():
         used = set()
         for batch in plain[key]:
             used.update(_token_ids(batch))
         placeholder = _pick_placeholder(tokenizer, used)
         end = int(getattr(tokenizer, "end_token", 49407))
-        first, position = _insert_placeholder(plain[key][0], placeholder, end)
+        first = _insert_placeholder(plain[key][0], placeholder, end)
         subject[key] = [first] + [list(b) for b in plain[key][1:]]
         slots[key] = TokenSlot(key, tokenizer, text_model, class_ids[key], placeholder)
-        positions[key] = position
     for key in plain:
         subject.setdefault(key, plain[key])
-    return plain, subject, slots, positions
+    return plain, subject, slots
 
 
 def encode_text(clip, tokens):
@@ -412,8 +413,8 @@ def encode_images(vae, images, model):
         plain = vae.encode(images[..., :3])
         flipped = vae.encode(torch.flip(images[..., :3], dims=[2]))
     latent_format = model.model
-    return (latent_format.process_latent_in(plain.float().cpu()).clone(),
-            latent_format.process_latent_in(flipped.float().cpu()).clone())
+    return (latent_format.process_latent_in(plain.float().cpu()),
+            latent_format.process_latent_in(flipped.float().cpu()))
 
 
 # ----------------------------------------------------------------------------- hashing, files
@@ -770,8 +771,7 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
     Same inputs and seed give byte-identical files; a re-queue with the same inputs finds the files by the
     hash in their metadata and loads them instead of training again.
     """
-    check_settings(settings)
-    name = check_name(settings.name)
+    name = check_settings(settings)
     check_family(model, clip)
     reference = check_image(reference, "reference")
     regular = check_image(regular, "regular_images")
@@ -924,13 +924,13 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
     import comfy.model_management as mm
 
     generator = torch.Generator().manual_seed(int(settings.seed))
-    plain_tokens, subject_tokens, slots, _ = build_prompts(clip, settings.class_word)
+    plain_tokens, subject_tokens, slots = build_prompts(clip, settings.class_word)
     work = model.clone()
-    kind = UNET_LORA if settings.unet_mode == UNET_LORA else UNET_FULL
-    adapters = {key: Adapter(module, kind, settings.rank, generator) for key, (module, _) in unet_targets(work).items()}
+    adapters = {key: Adapter(module, settings.unet_mode, settings.rank, generator)
+                for key, (module, _) in unet_targets(work).items()}
     text_adapters = {}
     if settings.train_text_encoder:
-        text_adapters = {key: Adapter(module, kind, settings.rank, generator)
+        text_adapters = {key: Adapter(module, settings.unet_mode, settings.rank, generator)
                          for key, (module, _) in text_targets(clip).items()}
     encoder = trainable = None
     if encoder_patch is not None:
@@ -949,44 +949,43 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
     device = work.load_device
     model_sampling = work.get_model_object("model_sampling")
     try:
-        with _grad_mode():
-            for p in frozen:
-                p.requires_grad_(False)
-            for slot in slots.values():  # made outside the training mode: fresh tensors for autograd
-                slot.vector.data = slot.vector.data.detach().clone().to(device)
-            if encoder is not None:
-                encoder.to(device)
-            groups = [{"params": [p for a in adapters.values() for p in a.parameters()], "lr": settings.unet_lr},
-                      {"params": [s.vector for s in slots.values()], "lr": settings.token_lr}]
-            if text_adapters:
-                groups.append({"params": [p for a in text_adapters.values() for p in a.parameters()],
-                               "lr": settings.text_encoder_lr})
-            if encoder is not None:
-                groups.append({"params": list(encoder.resblocks.parameters()), "lr": settings.encoder_lr})
-            unet = work.model.diffusion_model
-            with state.active(), _inplace_safe_norms(unet, clip.cond_stage_model), _checkpointing(unet, settings.gradient_checkpointing):
-                optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-                with torch.no_grad():
-                    plain = encode_text(clip, plain_tokens)
-                for step in range(int(settings.steps)):
-                    if interrupt is not None:
-                        interrupt()
-                    if trainable is not None:
-                        with _autocast(device):  # as the UNet's forward, where SE(r) used to be computed
-                            trainable.encode(device)
-                    loss, reference_loss = _step(work, clip, model_sampling, reference, regular, subject_tokens,
-                                                 plain_tokens if text_adapters else None, plain, generator, device,
-                                                 interrupt)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if interrupt is not None:
-                        interrupt()
-                    optimizer.step()
-                    state.losses.append(float(loss.detach()))
-                    state.reference_losses.append(reference_loss)
-                    if progress is not None:
-                        progress(step + 1, int(settings.steps), state.losses[-1])
-                del optimizer
+        for p in frozen:
+            p.requires_grad_(False)
+        for slot in slots.values():  # made outside the training mode: fresh tensors for autograd
+            slot.vector.data = slot.vector.data.detach().clone().to(device)
+        if encoder is not None:
+            encoder.to(device)
+        groups = [{"params": [p for a in adapters.values() for p in a.parameters()], "lr": settings.unet_lr},
+                  {"params": [s.vector for s in slots.values()], "lr": settings.token_lr}]
+        if text_adapters:
+            groups.append({"params": [p for a in text_adapters.values() for p in a.parameters()],
+                           "lr": settings.text_encoder_lr})
+        if encoder is not None:
+            groups.append({"params": list(encoder.resblocks.parameters()), "lr": settings.encoder_lr})
+        unet = work.model.diffusion_model
+        with state.active(), _inplace_safe_norms(unet, clip.cond_stage_model), _checkpointing(unet, settings.gradient_checkpointing):
+            optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+            with torch.no_grad():
+                plain = encode_text(clip, plain_tokens)
+            for step in range(int(settings.steps)):
+                if interrupt is not None:
+                    interrupt()
+                if trainable is not None:
+                    with _autocast(device):  # as the UNet's forward, where SE(r) used to be computed
+                        trainable.encode(device)
+                loss, reference_loss = _step(work, clip, model_sampling, reference, regular, subject_tokens,
+                                             plain_tokens if text_adapters else None, plain, generator, device,
+                                             interrupt)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if interrupt is not None:
+                    interrupt()
+                optimizer.step()
+                state.losses.append(float(loss.detach()))
+                state.reference_losses.append(reference_loss)
+                if progress is not None:
+                    progress(step + 1, int(settings.steps), state.losses[-1])
+            del optimizer
     finally:
         for p, flag in zip(frozen, flags):
             p.requires_grad_(flag)

@@ -238,7 +238,7 @@ def test_embedding_gives_exactly_the_trained_vector_and_no_other_row_changes(run
     assert len(embedded) == 1 and torch.equal(embedded[0].float(), vector)
     # The conditioning training saw ([S*] by the training's hook) is the one the host gives for the prompt.
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings()
-    _, subject_tokens, slots, _ = ft.build_prompts(clip, "dog")
+    _, subject_tokens, slots = ft.build_prompts(clip, "dog")
     slots["l"].vector.data = vector.clone()
     with torch.no_grad():
         host = clip.encode_from_tokens(clip.tokenize("a dog embedding:my_dog"))
