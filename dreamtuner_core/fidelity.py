@@ -263,14 +263,19 @@ def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offl
     return OpenClipScorer(model, open_clip.get_tokenizer(architecture), architecture, str(path), device, offload_device)
 
 
+def is_dino_folder(folder) -> bool:
+    """A local Hugging Face ViT folder as load_dino reads it: config.json and model.safetensors."""
+    return os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(folder, "model.safetensors"))
+
+
 def load_dino(folder: str, device="cpu", offload_device="cpu") -> DinoScorer:
     """A DINO ViT from a local Hugging Face folder (config.json + model.safetensors, e.g. facebook/dino-vits16)."""
     try:
         from transformers import ViTModel
     except ImportError:
         raise DreamTunerInputError("DINO needs the package transformers: pip install transformers.") from None
-    if not os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(
-            os.path.join(folder, "model.safetensors")):
+    if not is_dino_folder(folder):
         raise DreamTunerInputError(
             f"dino folder '{folder}' must hold config.json and model.safetensors (the files of "
             "facebook/dino-vits16 on Hugging Face).")
@@ -334,10 +339,12 @@ def _prompts_for(prompts, count: int):
 
 
 def score_images(generated: Images, references: Images, prompts=None, models: Optional[ScoringModels] = None,
-                 check_interrupt: Optional[Callable[[], None]] = None) -> Scores:
+                 check_interrupt: Optional[Callable[[], None]] = None, reference_cache: Optional[dict] = None) -> Scores:
     """CLIP-I, CLIP-T and DINO of each generated image; references already prepared (see prepare_references).
 
     prompts: one prompt for all images, one per image, or None/"" to skip CLIP-T.
+    reference_cache: a dict the caller keeps while it scores several batches against the same ``references``
+    object (which it keeps alive, as the key is its id): their embeddings are then computed once.
     """
     count = sum(b.shape[0] for b in _as_batches(generated))
     if count == 0:
@@ -350,10 +357,11 @@ def score_images(generated: Images, references: Images, prompts=None, models: Op
     cache = {}
 
     def embed(model, images):
+        store = reference_cache if reference_cache is not None and images is references else cache
         key = (id(model), id(images))
-        if key not in cache:
-            cache[key] = model.embed_images(images, check_interrupt)
-        return cache[key]
+        if key not in store:
+            store[key] = model.embed_images(images, check_interrupt)
+        return store[key]
 
     if models.clip_i is not None:
         scores.per_image[CLIP_I] = mean_over_references(embed(models.clip_i, generated),

@@ -43,6 +43,10 @@ except ImportError:  # 'headless' imported as a top-level package by scripts/eva
     from dreamtuner_core import dreambench, fidelity, files
     from dreamtuner_core.errors import DreamTunerInputError
 
+from . import run as runner
+from . import workflow as wf
+from .server import ServerError
+
 DEFAULT_SETTING = "default"
 CSV_NAME, TABLE_NAME, PLOT_NAME = "fidelity.csv", "fidelity.md", "fidelity_plot.png"
 
@@ -104,11 +108,7 @@ def parse_args(argv=None):
     gen = parser.add_argument_group("generation (optional): a workflow run through the headless runner")
     gen.add_argument("--workflow", type=pathlib.Path, help="a workflow file saved by the web UI; generates the "
                      "missing images (its subject LoadImage gets the reference, its positive prompt the prompt)")
-    gen.add_argument("--comfyui", type=pathlib.Path, help="the ComfyUI installation to start")
-    gen.add_argument("--server", help="or a running ComfyUI, e.g. http://127.0.0.1:8188")
-    gen.add_argument("--python", help="that installation's Python (default: its venv/.venv, else this one)")
-    gen.add_argument("--cpu", action="store_true", help="pass --cpu to ComfyUI")
-    gen.add_argument("--comfy-arg", action="append", default=[], metavar="ARG", help="another argument for main.py")
+    runner.add_connection_arguments(gen)
     gen.add_argument("--sweep", nargs="+", default=[], metavar="NAME=V1,V2",
                      help="widget values to sweep, e.g. omega_ref=0,1.5,3 beta=0,0.2 (every node with the widget; "
                      "NODE_ID.NAME for one node); one setting per combination")
@@ -131,8 +131,8 @@ def parse_args(argv=None):
         parser.error("--real/--prompts are for a pair of folders; DreamBench mode reads the protocol's prompts")
     if args.clip is None and args.dino is None:
         parser.error("give --clip (CLIP-I, CLIP-T) and/or --dino (DINO): no metric to compute otherwise")
-    if args.workflow is not None and (args.comfyui is None) == (args.server is None):
-        parser.error("--workflow needs either --comfyui PATH or --server URL")
+    if args.workflow is not None:
+        runner.check_connection_arguments(parser, args, needed_for="--workflow")
     if args.dreambench is None and (args.workflow or args.sweep):
         parser.error("--workflow/--sweep generate DreamBench images: give --dreambench DATASET")
     for name in ("prompts_per_subject", "images_per_prompt"):
@@ -140,13 +140,6 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.output = args.output or args.generated
     return args
-
-
-def _value(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_sweep(items) -> list:
@@ -160,7 +153,7 @@ def parse_sweep(items) -> list:
             raise DreamTunerInputError(f"--sweep {item}: write NAME=V1,V2,... (e.g. omega_ref=0,1.5,3).")
         if any(n == name for n, _ in axes):
             raise DreamTunerInputError(f"--sweep: {name} is given twice; list all its values in one NAME=V1,V2.")
-        axes.append((name, [_value(v) for v in parts]))
+        axes.append((name, [runner.parse_value(v) for v in parts]))
     if not axes:
         return [Setting()]
     return [Setting(tuple(zip([n for n, _ in axes], combo))) for combo in itertools.product(*[v for _, v in axes])]
@@ -212,17 +205,13 @@ class RunnerGenerator:
     """Makes one image per call with the pack's headless runner on a ComfyUI server."""
 
     def __init__(self, server, workflow, args, settings=()):
-        from . import run as runner
-        from . import workflow as wf
-
-        self.runner, self.wf, self.server, self.workflow, self.args = runner, wf, server, workflow, args
+        self.server, self.workflow, self.args = server, workflow, args
         self.object_info = server.object_info()
         problems = wf.check(workflow, self.object_info, check_values=False)
         if problems:
             raise wf.WorkflowError(problems)
-        for setting in settings:  # every swept name names a widget, before the first image is made
-            for name, _ in setting.values:
-                self.targets(name)
+        # every swept name names a widget, found once, before the first image is made
+        self.sweep_targets = {name: self.targets(name) for setting in settings for name, _ in setting.values}
 
     def targets(self, name):
         """``NODE_ID.NAME`` entries of every active node with widget ``name`` (or the one named)."""
@@ -230,15 +219,16 @@ class RunnerGenerator:
         if dot and node_id.isdigit():
             return [name]
         found = [f"{node['id']}.{widget_name}" for node, widget_name in
-                 self.runner._with_widget(self.workflow, self.object_info, [name])]
+                 runner._with_widget(self.workflow, self.object_info, [name])]
         if not found:
             raise DreamTunerInputError(f"--sweep {name}: no node of the workflow has a '{name}' widget.")
         return found
 
     def __call__(self, job: Job):
-        wf, server = self.wf, self.server
-        workflow, object_info = copy.deepcopy(self.workflow), dict(self.object_info)
-        overrides = [f"{t}={json.dumps(v)}" for name, v in job.setting.values for t in self.targets(name)]
+        server = self.server
+        workflow, object_info = copy.deepcopy(self.workflow), self.object_info
+        overrides = [f"{t}={json.dumps(v)}" for name, v in job.setting.values
+                     for t in self.sweep_targets.get(name) or self.targets(name)]
         with tempfile.TemporaryDirectory(prefix="dreamtuner-inputs-") as scratch:
             # Uploaded under a name of its own: DreamBench names every subject's images 00.jpg, 01.jpg, ...
             reference = pathlib.Path(scratch) / f"dreambench-{job.subject}-{job.reference.name}"
@@ -246,24 +236,10 @@ class RunnerGenerator:
             options = argparse.Namespace(image=reference, mask=None, prompt=job.prompt, negative=self.args.negative,
                                          seed=job.seed, steps=self.args.steps, size=self.args.size,
                                          set=list(self.args.set) + overrides)
-            self.runner.apply_overrides(workflow, object_info, options, scratch)
-            self.runner.upload_images(workflow, object_info, server)
-        problems = wf.check(workflow, object_info)
-        if problems:
-            raise wf.WorkflowError(problems)
-        prompt = wf.to_api(workflow, object_info)
-        prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
-        try:
-            entry = server.follow(prompt_id, lambda kind, data: None, self.args.timeout)
-        except KeyboardInterrupt:
-            server.interrupt(prompt_id)
-            raise
-        from .server import ServerError, failure_line
-
-        if (entry.get("status") or {}).get("status_str") != "success":
-            raise ServerError(failure_line(entry, prompt))
-        images = [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())
-                  if image.get("type") == "output"]
+            runner.apply_overrides(workflow, object_info, options, scratch)
+            runner.upload_images(workflow, object_info, server)
+        images = runner.submit(server, runner.api_prompt(workflow, object_info), workflow, lambda kind, data: None,
+                               self.args.timeout)
         if len(images) != 1:
             raise ServerError(f"the workflow saved {len(images)} images in one run; the evaluation needs exactly "
                               "one per run (one SaveImage, batch size 1)")
@@ -274,9 +250,6 @@ class RunnerGenerator:
 
 @contextlib.contextmanager
 def runner_generator(args, settings=()):
-    from . import run as runner
-    from . import workflow as wf
-
     workflow = wf.load(args.workflow)
     with runner._connect(args) as server:
         yield RunnerGenerator(server, workflow, args, settings)
@@ -329,8 +302,11 @@ def check_complete(jobs):
 
 
 def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
-    """One row per job: its CLIP-I/DINO against its subject's real images and CLIP-T with its prompt."""
-    real_cache, rows = {}, []
+    """One row per job: its CLIP-I/DINO against its subject's real images and CLIP-T with its prompt.
+
+    Each subject's real images are read and embedded once for all settings of a sweep.
+    """
+    real_cache, reference_embeddings, rows = {}, {}, []
     groups = {}
     for job in jobs:
         groups.setdefault((job.setting, job.subject), []).append(job)
@@ -340,7 +316,8 @@ def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
         if real_key not in real_cache:
             real_cache[real_key] = dreambench.read_images(group[0].real)
         generated = dreambench.read_images([job.target for job in group])
-        scores = fidelity.score_images(generated, real_cache[real_key], [job.score_prompt for job in group], models)
+        scores = fidelity.score_images(generated, real_cache[real_key], [job.score_prompt for job in group], models,
+                                       reference_cache=reference_embeddings)
         for i, job in enumerate(group):
             rows.append(dict(setting=setting.label, subject=job.subject, **{"class": job.class_word},
                              live=job.live, prompt_index=job.prompt_index, prompt=job.score_prompt, seed=job.seed,
@@ -414,7 +391,9 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
     settings = parse_sweep(args.sweep)
     jobs = dreambench_jobs(args, settings) if args.dreambench is not None else folder_jobs(args)
     for reals in {tuple(job.real) for job in jobs}:
-        dreambench.read_images(reals)  # unreadable real images stop the run before anything is made
+        # Unreadable real images stop the run before anything is made. Decoded again for scoring: keeping
+        # every subject's decoded pictures through a long generation would hold about a GB for nothing.
+        dreambench.read_images(reals)
     models = load_models(args)
     if generate is not None:
         made = generate_missing(jobs, generate)
@@ -433,9 +412,6 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
 
 def main(argv=None, generate: Optional[Callable[[Job], None]] = None) -> int:
     args = parse_args(argv)
-    from . import workflow as wf
-    from .server import ServerError
-
     try:
         evaluate(args, generate)
     except DreamTunerInputError as error:

@@ -35,13 +35,7 @@ SUBJECT_TITLES = ("subject", "first frame")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="run_workflow.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_argument_group("which ComfyUI")
-    where.add_argument("--comfyui", type=pathlib.Path, help="folder of the ComfyUI installation to run")
-    where.add_argument("--python", help="that installation's Python (default: its venv/.venv if there, else this one)")
-    where.add_argument("--cpu", action="store_true", help="pass --cpu to ComfyUI (machines without a GPU)")
-    where.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
-                       help="another argument for ComfyUI's main.py, e.g. --comfy-arg=--lowvram (repeatable)")
-    where.add_argument("--server", help="use this running ComfyUI (e.g. http://127.0.0.1:8188) instead of starting one")
+    add_connection_arguments(parser.add_argument_group("which ComfyUI"))
     what = parser.add_argument_group("what to run")
     what.add_argument("--workflow", type=pathlib.Path, default=DEFAULT_WORKFLOW,
                       help="a workflow saved by the web UI (default: workflow 1, one subject image → new scenes)")
@@ -60,14 +54,31 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds to wait for the run, then cancel it (default 3600)")
     args = parser.parse_args(argv)
+    check_connection_arguments(parser, args)
+    return args
+
+
+def add_connection_arguments(group):
+    """--comfyui/--server and how to start that ComfyUI (this runner's and scripts/evaluate.py's)."""
+    group.add_argument("--comfyui", type=pathlib.Path, help="folder of the ComfyUI installation to run")
+    group.add_argument("--server", help="use this running ComfyUI (e.g. http://127.0.0.1:8188) instead of starting one")
+    group.add_argument("--python", help="that installation's Python (default: its venv/.venv if there, else this one)")
+    group.add_argument("--cpu", action="store_true", help="pass --cpu to ComfyUI (machines without a GPU)")
+    group.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
+                       help="another argument for ComfyUI's main.py, e.g. --comfy-arg=--lowvram (repeatable)")
+
+
+def check_connection_arguments(parser, args, needed_for=None):
+    """Exactly one of --comfyui and --server (``needed_for``: the option that needs one, else always), and no
+    --comfy-arg the runner sets itself."""
     if (args.comfyui is None) == (args.server is None):
-        parser.error("give either --comfyui PATH (start that ComfyUI) or --server URL (use a running one)")
+        parser.error(f"{needed_for} needs either --comfyui PATH or --server URL" if needed_for else
+                     "give either --comfyui PATH (start that ComfyUI) or --server URL (use a running one)")
     for arg in args.comfy_arg:
         own = comfy_server.own_arg(arg)
         if own:
             parser.error(f"--comfy-arg={arg}: the runner sets {own} of the ComfyUI it starts itself (a free local "
                          "port, its images to --output); to use a ComfyUI started your way, give --server URL")
-    return args
 
 
 def _installation_python(comfyui):
@@ -80,16 +91,18 @@ def _installation_python(comfyui):
 
 @contextlib.contextmanager
 def _connect(args):
-    if args.server:
-        server = comfy_server.Server(args.server)
-        server.wait_ready(10)
-        yield server
-        return
-    python = args.python or _installation_python(args.comfyui)
-    extra = (["--cpu"] if args.cpu else []) + args.comfy_arg
-    print(f"starting ComfyUI from {args.comfyui} ...", flush=True)
-    with comfy_server.started(args.comfyui, python, extra) as server:
-        yield server
+    """The server to use, while SIGTERM/SIGHUP unwind as Ctrl-C does (so a ComfyUI started here is stopped)."""
+    with _stopped_by_signals():
+        if args.server:
+            server = comfy_server.Server(args.server)
+            server.wait_ready(10)
+            yield server
+            return
+        python = args.python or _installation_python(args.comfyui)
+        extra = (["--cpu"] if args.cpu else []) + args.comfy_arg
+        print(f"starting ComfyUI from {args.comfyui} ...", flush=True)
+        with comfy_server.started(args.comfyui, python, extra) as server:
+            yield server
 
 
 def _active(workflow, kind=None):
@@ -113,7 +126,8 @@ def _set_all(workflow, object_info, option, names, value):
         wf.set_widget(node, object_info[node["type"]], name, value)
 
 
-def _parse_value(text):
+def parse_value(text):
+    """A --set/--sweep value: JSON (numbers, true/false, quoted strings), else the text as it is."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -184,7 +198,7 @@ def apply_overrides(workflow, object_info, args, scratch):
         node_id, dot, name = target.partition(".")
         if not (equals and dot) or node_id not in nodes or nodes[node_id]["type"] not in object_info:
             raise wf.WorkflowError(f"--set {item}: write NODE_ID.INPUT=VALUE with the id of a node of this workflow")
-        wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, _parse_value(value))
+        wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, parse_value(value))
 
 
 def _local_image(value):
@@ -256,25 +270,39 @@ def run(server, workflow, args):
             raise wf.WorkflowError(problems)
         apply_overrides(workflow, object_info, args, scratch)
         upload_images(workflow, object_info, server)
-    problems = wf.check(workflow, object_info)
-    if problems:
-        raise wf.WorkflowError(problems)
-    prompt = wf.to_api(workflow, object_info)
-    prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
-    try:
-        entry = server.follow(prompt_id, Progress(prompt), args.timeout)
-    except BaseException:  # a timeout, Ctrl-C, SIGTERM/SIGHUP, a lost server: the run is abandoned
-        server.interrupt(prompt_id)  # so leave the server idle, not busy with it
-        raise
-    if (entry.get("status") or {}).get("status_str") != "success":
-        raise comfy_server.ServerError(comfy_server.failure_line(entry, prompt))
-    images = [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())
-              if image.get("type") == "output"]
+    prompt = api_prompt(workflow, object_info)
+    images = submit(server, prompt, workflow, Progress(prompt), args.timeout)
     if not images:
         raise comfy_server.ServerError("the run succeeded but saved no image: the workflow needs a SaveImage node")
     for image in images:
         print(f"wrote {server.download(image, args.output)}")
     return 0
+
+
+def api_prompt(workflow, object_info):
+    """The UI workflow checked against the server's node definitions and converted to the API format."""
+    problems = wf.check(workflow, object_info)
+    if problems:
+        raise wf.WorkflowError(problems)
+    return wf.to_api(workflow, object_info)
+
+
+def submit(server, prompt, workflow, on_event, timeout):
+    """Queue ``prompt`` (with its UI ``workflow`` for the images' metadata), follow it; its saved images.
+
+    A run abandoned here (a timeout, Ctrl-C, SIGTERM/SIGHUP, a lost server) is cancelled on the server, so
+    the server is left idle, not busy with it; a failed run raises the server's own words.
+    """
+    prompt_id = server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": workflow}})
+    try:
+        entry = server.follow(prompt_id, on_event, timeout)
+    except BaseException:
+        server.interrupt(prompt_id)
+        raise
+    if (entry.get("status") or {}).get("status_str") != "success":
+        raise comfy_server.ServerError(comfy_server.failure_line(entry, prompt))
+    return [image for output in entry.get("outputs", {}).values() for image in output.get("images", ())
+            if image.get("type") == "output"]
 
 
 STOP_SIGNALS = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
@@ -305,7 +333,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         workflow = wf.load(args.workflow)
-        with _stopped_by_signals(), _connect(args) as server:
+        with _connect(args) as server:
             return run(server, workflow, args)
     except (wf.WorkflowError, comfy_server.ServerError) as error:
         for line in error.problems:

@@ -7,6 +7,7 @@ import torch
 from ..dreamtuner_core import fidelity
 from ..dreamtuner_core.errors import DreamTunerInputError
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
+from .subject_encoder import register_model_folder
 
 CATEGORY = "DreamTuner"
 FOLDER = "dreamtuner_scoring"  # ComfyUI/models/dreamtuner/scoring/
@@ -16,19 +17,7 @@ SORT_CHOICES = {"CLIP-I": fidelity.CLIP_I, "DINO": fidelity.DINO, "CLIP-T": fide
 
 def _folder_paths():
     """Register models/dreamtuner/scoring/ (keeping extra_model_paths.yaml entries); None outside ComfyUI."""
-    try:
-        import folder_paths
-    except ImportError:
-        return None
-    paths, _ = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    default = os.path.join(folder_paths.models_dir, "dreamtuner", "scoring")
-    folder_paths.folder_names_and_paths[FOLDER] = (list(paths) + ([default] if default not in paths else []),
-                                                   {".safetensors"})
-    return folder_paths
-
-
-def _is_dino_folder(path):
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    return register_model_folder(FOLDER, "dreamtuner", "scoring")
 
 
 def _scoring_files():
@@ -43,7 +32,7 @@ def _scoring_files():
             if not os.path.isfile(full):
                 continue
             parent = os.path.dirname(name)
-            if parent and _is_dino_folder(os.path.dirname(full)):
+            if parent and fidelity.is_dino_folder(os.path.dirname(full)):
                 dinos.add(parent.replace(os.sep, "/"))
             else:
                 clips.add(name)

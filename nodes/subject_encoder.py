@@ -11,16 +11,17 @@ CATEGORY = "DreamTuner"
 FOLDER = "dreamtuner"
 
 
-def register_model_folder():
-    """Register ComfyUI/models/dreamtuner/ (safetensors only), keeping paths from extra_model_paths.yaml."""
+def register_model_folder(key=FOLDER, *default):
+    """Register ComfyUI/models/<default> (default: models/<key>/) under ``key``, safetensors only, keeping paths
+    from extra_model_paths.yaml; returns ComfyUI's folder_paths (None outside ComfyUI)."""
     try:
         import folder_paths
     except ImportError:  # outside ComfyUI (tests of the bare core)
         return None
-    paths, _ = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    folder_paths.folder_names_and_paths[FOLDER] = (list(paths) + ([default] if default not in paths else []),
-                                                   {".safetensors"})
+    paths, _ = folder_paths.folder_names_and_paths.get(key, ([], set()))
+    default = os.path.join(folder_paths.models_dir, *(default or (key,)))
+    folder_paths.folder_names_and_paths[key] = (list(paths) + ([default] if default not in paths else []),
+                                                {".safetensors"})
     return folder_paths
 
 
