@@ -3,8 +3,8 @@
 Both train a LoRA of the same rank on the same random-weight SD1.5 UNet (860 M parameters, built through
 ComfyUI's own classes), at the same resolution, batch 2, AdamW, fp32 on the CPU. The pack's step also
 runs the CLIP-L text encoder forward and backward for the [S*] token (the core trainer takes fixed
-conditionings). Each trainer runs in its own process (a clean memory peak); the step time is the time
-between the first and the last step's loss, divided by the steps in between (set-up excluded).
+conditionings). Each trainer runs in its own process (a clean memory peak); the step time is the median
+of the times between consecutive steps' losses (the first step, with the set-up, is not timed).
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python benchmarks/finetune_benchmark.py
     ... --size 512 --steps 20                       # GPU figures
@@ -28,8 +28,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from peak_memory import PeakMemory  # noqa: E402  (beside this script)
-
-
 
 
 def _setup(args):
