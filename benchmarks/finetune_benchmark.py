@@ -33,15 +33,14 @@ from peak_memory import PeakMemory  # noqa: E402  (beside this script)
 def _setup(args):
     """The host's comfy on the path (ComfyUI's own folder first), the pack loaded as ComfyUI loads it."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    sys.path.insert(1, str(ROOT / "tests"))
+    sys.path.append(str(ROOT))  # after ComfyUI's own modules
     import torch
 
-    if not torch.cuda.is_available():
-        import comfy.cli_args
+    from dreamtuner_devtools import pack
 
-        comfy.cli_args.args.cpu = True
-    import conftest  # noqa: F401  (loads the pack as package comfyui_dreamtuner)
-    import tiny_models as tm
+    pack.cpu_unless_cuda()
+    pack.load()  # the pack as package comfyui_dreamtuner, as ComfyUI loads it
+    from dreamtuner_devtools import tiny_models as tm
 
     from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET
 

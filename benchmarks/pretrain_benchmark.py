@@ -8,7 +8,7 @@
                                                             # the same full-size run on the CPU, small: a check
 
 Models are random-weight files in the real formats (scripts/make_pretrain_smoke_files.py; with --gpu the
-full-size SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet of tests/tier2_assets.py), loaded by
+full-size SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet of dreamtuner_devtools/tier2_assets.py), loaded by
 the host's loaders (run it from the ComfyUI folder with ComfyUI's Python to make the full-size files). Each measurement runs ``--steps`` optimizer steps after one warm-up step, in freshly
 spawned processes (the 1-process figure too, so both start alike); the figure is samples / wall time of the
 measured steps, between two barriers (so the slowest rank counts).
@@ -45,9 +45,11 @@ def _setup_host():
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
-    sys.path.append(str(ROOT))
-    sys.path.append(str(ROOT / "tests"))
-    sys.path.append(str(ROOT / "scripts"))
+    sys.path.append(str(ROOT))  # after ComfyUI's own modules
+    sys.path.append(str(ROOT / "scripts"))  # make_pretrain_smoke_files
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
 
 
 def busy_cores(seconds=1.0):
@@ -84,8 +86,10 @@ def _measure(rank, world_size, port, kwargs, steps, result, threads):
         torch.set_num_threads(threads)
     _setup_host()
     import torch.distributed as dist
-    from dreamtuner_core.pretrain import Trainer, TrainConfig, setup_world
-    from pretrain_worker import caption_conditioning
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.config import TrainConfig
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.trainer import Trainer
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.world import setup_world
+    from dreamtuner_devtools.pretrain_worker import caption_conditioning
 
     world = setup_world()
     text = None if _host_has_clip_text() else caption_conditioning
@@ -138,10 +142,10 @@ FULL_SIZE = {"checkpoint": ("sd15-random-v2.safetensors", "sd15_checkpoint"),
 
 
 def full_size_files(cache, size):
-    """Full-size random-weight SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet (tests/tier2_assets),
+    """Full-size random-weight SD1.5 checkpoint, ViT-H/14 CLIP vision and SD1.5 ControlNet (dreamtuner_devtools/tier2_assets),
     reused from the tier-2 cache when there, and 32 prepared images of ``size`` px."""
     import make_pretrain_smoke_files
-    import tier2_assets
+    from dreamtuner_devtools import tier2_assets
 
     cache = pathlib.Path(cache)
     cache.mkdir(parents=True, exist_ok=True)

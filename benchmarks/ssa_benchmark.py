@@ -31,23 +31,20 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))  # after ComfyUI's own modules
 
-if not torch.cuda.is_available():
-    import comfy.cli_args
+from dreamtuner_devtools import pack  # noqa: E402
 
-    comfy.cli_args.args.cpu = True
-
-import conftest  # noqa: E402  (loads the pack as ComfyUI does)
-import tiny_models as tm  # noqa: E402
+pack.cpu_unless_cuda()
+pack.load()  # the pack as ComfyUI loads it
+from dreamtuner_devtools import tiny_models as tm  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402  (beside this script)
 
 from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET  # noqa: E402
-from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import sample_interleaved  # noqa: E402
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder import (  # noqa: E402
-    EncoderConfig, SubjectEncoder, attention_layout)
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import apply_subject_encoder  # noqa: E402
-from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch  # noqa: E402
+from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved  # noqa: E402
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import EncoderConfig, SubjectEncoder, attention_layout  # noqa: E402
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import apply_subject_encoder  # noqa: E402
+from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch  # noqa: E402
 
 
 

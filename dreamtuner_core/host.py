@@ -131,18 +131,6 @@ def output_scale(model_sampling, sigma, like):
     return model_sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones))
 
 
-def prediction_error(model_sampling, sigma, denoised, x0):
-    """Raw model output minus the model's own prediction target (eps or v), for any ``model_sampling``.
-
-    ``calculate_denoised`` is affine in the raw output: denoised = a(x) + b * output,
-    so ``(denoised - x0) / b`` = output - target, where target is the output whose
-    denoised value is x0. b comes from the model's own formula, so eps and v
-    models (and any other affine parameterisation) get their own targets. The
-    training losses of both DreamTunerFinetune and pretraining are its mean square.
-    """
-    return (denoised.float() - x0.float()) / output_scale(model_sampling, sigma, denoised)
-
-
 def describe(obj) -> str:
     """A readable name for another pack's patch object (class and module)."""
     target = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else type(obj)

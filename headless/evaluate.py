@@ -8,7 +8,7 @@
 
 DreamBench mode reads the dataset of DreamBooth (a folder per subject with its
 real images) and the protocol's subjects, classes and 25 prompts per subject
-(object or live-subject list), shipped in dreamtuner_core/data/dreambench.json.
+(object or live-subject list), shipped in dreamtuner_core/scoring/data/dreambench.json.
 Generated images live in OUT/SETTING/SUBJECT/PP_SEED.png (PP the prompt's
 index); with --workflow the missing ones are generated first through the
 pack's headless runner (resumable: images already there are kept), for every
@@ -36,12 +36,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-try:
-    from ..dreamtuner_core import dreambench, fidelity, files
-    from ..dreamtuner_core.errors import DreamTunerInputError
-except ImportError:  # 'headless' imported as a top-level package by scripts/evaluate.py
-    from dreamtuner_core import dreambench, fidelity, files
-    from dreamtuner_core.errors import DreamTunerInputError
+from ..dreamtuner_core import files, scoring
+from ..dreamtuner_core.errors import DreamTunerInputError
+from ..dreamtuner_core.scoring import dreambench
 
 from . import run as runner
 from . import workflow as wf
@@ -286,10 +283,10 @@ def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
 
 # ----------------------------------------------------------------------------- scoring
 
-def load_models(args) -> fidelity.ScoringModels:
-    clip = fidelity.load_open_clip(str(args.clip), args.clip_arch, args.device) if args.clip else None
-    dino = fidelity.load_dino(str(args.dino), args.device) if args.dino else None
-    return fidelity.ScoringModels(clip_i=clip, clip_t=clip, dino=dino)
+def load_models(args) -> scoring.ScoringModels:
+    clip = scoring.load_open_clip(str(args.clip), args.clip_arch, args.device) if args.clip else None
+    dino = scoring.load_dino(str(args.dino), args.device) if args.dino else None
+    return scoring.ScoringModels(clip_i=clip, clip_t=clip, dino=dino)
 
 
 def check_complete(jobs):
@@ -301,7 +298,7 @@ def check_complete(jobs):
             "the evaluation with --subjects, --prompts-per-subject and --images-per-prompt.")
 
 
-def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
+def score_jobs(jobs, models: scoring.ScoringModels) -> list:
     """One row per job: its CLIP-I/DINO against its subject's real images and CLIP-T with its prompt.
 
     Each subject's real images are read and embedded once for all settings of a sweep.
@@ -316,13 +313,13 @@ def score_jobs(jobs, models: fidelity.ScoringModels) -> list:
         if real_key not in real_cache:
             real_cache[real_key] = dreambench.read_images(group[0].real)
         generated = dreambench.read_images([job.target for job in group])
-        scores = fidelity.score_images(generated, real_cache[real_key], [job.score_prompt for job in group], models,
+        scores = scoring.score_images(generated, real_cache[real_key], [job.score_prompt for job in group], models,
                                        reference_cache=reference_embeddings)
         for i, job in enumerate(group):
             rows.append(dict(setting=setting.label, subject=job.subject, **{"class": job.class_word},
                              live=job.live, prompt_index=job.prompt_index, prompt=job.score_prompt, seed=job.seed,
                              file=str(job.target), **{m: (float(v[i]) if (v := scores.per_image.get(m)) is not None
-                                                         else None) for m in fidelity.METRICS}))
+                                                         else None) for m in scoring.METRICS}))
         if bar is not None:
             bar.update(len(group))
     if bar is not None:
@@ -347,8 +344,8 @@ def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
         return None
     table = dreambench.summary(rows)
     points = {s: table[s.label]["all"] for s in settings
-              if s.label in table and table[s.label]["all"][fidelity.CLIP_T] is not None}
-    panels = [m for m in (fidelity.CLIP_I, fidelity.DINO) if any(p[m] is not None for p in points.values())]
+              if s.label in table and table[s.label]["all"][scoring.CLIP_T] is not None}
+    panels = [m for m in (scoring.CLIP_I, scoring.DINO) if any(p[m] is not None for p in points.values())]
     if not points or not panels:
         print("note: no plot: it needs CLIP-T and CLIP-I or DINO", file=sys.stderr)
         return None
@@ -358,21 +355,21 @@ def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, metric in zip(axes[0], panels):
         for rest, members in curves.items():
-            xs = [points[s][fidelity.CLIP_T] for s in members]
+            xs = [points[s][scoring.CLIP_T] for s in members]
             ys = [points[s][metric] for s in members]
             name = ",".join(f"{k}={v}" for k, v in rest) or "this run"
             ax.plot(xs, ys, "o-", label=name)
             for s, x, y in zip(members, xs, ys):
                 text = f"{s.values[0][0]}={s.values[0][1]}" if s.values else s.label
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if metric == fidelity.CLIP_I:
+        if metric == scoring.CLIP_I:
             for name, (t, i) in dreambench.PAPER_TABLE_1.items():
                 mine = name == "DreamTuner"
                 ax.plot([t], [i], "*" if mine else "s", color="tab:red" if mine else "0.6", markersize=12 if mine else 6)
                 ax.annotate(f"{name} (paper)", (t, i), textcoords="offset points", xytext=(4, -10), fontsize=7,
                             color="tab:red" if mine else "0.4")
         ax.set_xlabel("CLIP-T (prompt fidelity)")
-        ax.set_ylabel(f"{fidelity.LABELS[metric]} (subject fidelity)")
+        ax.set_ylabel(f"{scoring.LABELS[metric]} (subject fidelity)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower left", fontsize=7)
     figure.tight_layout()

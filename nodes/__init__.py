@@ -1,9 +1,9 @@
 """ComfyUI nodes of the pack: thin glue over dreamtuner_core."""
 
-from .interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
-from .self_subject_attention import SelfSubjectAttentionPatch
+from .guidance import InterleavedCFGGuider, InterleavedCFGSampler
+from .ssa import SelfSubjectAttentionPatch
 from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
-from .fidelity import ScoringModelsLoader, SubjectScore
+from .scoring import ScoringModelsLoader, SubjectScore
 from .finetune import DreamTunerFinetune
 
 register_model_folder()

@@ -4,8 +4,8 @@ import logging
 import os
 
 from ..dreamtuner_core.errors import DreamTunerInputError
-from ..dreamtuner_core.finetune import (UNET_FULL, UNET_LORA, UNET_MODES, FinetuneSettings, OutputFolders,
-                                        finetune, loss_curve_image)
+from ..dreamtuner_core.charts import loss_curve_image
+from ..dreamtuner_core.finetune import UNET_FULL, UNET_LORA, UNET_MODES, FinetuneSettings, OutputFolders, finetune
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
 from .subject_encoder import FOLDER as ENCODER_FOLDER
 from .subject_encoder import register_model_folder

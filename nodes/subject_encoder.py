@@ -1,11 +1,11 @@
-"""SubjectEncoderLoader and ApplySubjectEncoder (DreamTuner): node glue over dreamtuner_core."""
+"""SubjectEncoderLoader and ApplySubjectEncoder (DreamTuner): node glue over dreamtuner_core.subject_encoder."""
 
 import os
 
-from ..dreamtuner_core.encoder_file import load_encoder
 from ..dreamtuner_core.errors import DreamTunerInputError
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
-from ..dreamtuner_core.subject_encoder_patch import apply_subject_encoder
+from ..dreamtuner_core.subject_encoder.file import load_encoder
+from ..dreamtuner_core.subject_encoder.patch import apply_subject_encoder
 
 CATEGORY = "DreamTuner"
 FOLDER = "dreamtuner"

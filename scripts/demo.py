@@ -20,11 +20,14 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))  # after ComfyUI's own modules
 
-import conftest  # noqa: E402,F401  (CPU set-up; loads the pack as ComfyUI does)
-import tiny_models as tm  # noqa: E402
-from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch  # noqa: E402
+from dreamtuner_devtools import pack  # noqa: E402
+
+pack.cpu_unless_cuda()
+pack.load()  # the pack as ComfyUI loads it
+from dreamtuner_devtools import tiny_models as tm  # noqa: E402
+from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch  # noqa: E402
 
 
 def subject_mask(size=64):

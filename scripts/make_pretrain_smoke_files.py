@@ -122,8 +122,11 @@ def data(folder, count=8, size=64, seed=0):
     import numpy
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT))
-    from dreamtuner_core.pretrain_data import append_manifest
+    sys.path.append(str(ROOT))  # after ComfyUI's own modules
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.data import append_manifest
 
     folder = pathlib.Path(folder)
     for sub in ("images", "masks", "depth"):

@@ -41,10 +41,13 @@ def main(argv=None):
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
-    sys.path.append(str(ROOT))  # after ComfyUI's own modules: dreamtuner_core imports on its own
-    from dreamtuner_core.encoder_file import save_encoder
-    from dreamtuner_core.families import family_model
-    from dreamtuner_core.subject_encoder import EncoderConfig, SubjectEncoder, attention_layout
+    sys.path.append(str(ROOT))  # after ComfyUI's own modules
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
+    from comfyui_dreamtuner.dreamtuner_core.families import family_model
+    from comfyui_dreamtuner.dreamtuner_core.subject_encoder.file import save_encoder
+    from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import EncoderConfig, SubjectEncoder, attention_layout
 
     context_dim, attention = attention_layout(family_model(args.family))
     config = EncoderConfig(base_family=args.family, context_dim=context_dim, clip_width=args.clip_width,

@@ -108,7 +108,7 @@ def find_companion(folder, stem):
 
 def save_png(image, path):
     """Write a PNG through a temporary name, so an interrupted run never leaves a half file under the name."""
-    from dreamtuner_core.files import replacing
+    from comfyui_dreamtuner.dreamtuner_core.files import replacing
 
     with replacing(path) as partial:
         image.save(partial, format="PNG")
@@ -261,8 +261,11 @@ def done_ids(out):
 
 def prepare(args):
     """Prepare every image not yet in the manifest; returns (prepared entries, skipped [(path, reason)])."""
-    sys.path.insert(0, str(ROOT))
-    from dreamtuner_core.pretrain_data import append_manifest
+    sys.path.append(str(ROOT))  # after ComfyUI's own modules
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.data import append_manifest
 
     out = pathlib.Path(args.out)
     for sub in ("images", "masks", "depth"):

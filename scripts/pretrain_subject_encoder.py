@@ -74,8 +74,12 @@ def main(argv=None):
 
         comfy.cli_args.args.cpu = True
     sys.path.append(str(ROOT))  # after ComfyUI's own modules
-    from dreamtuner_core.errors import DreamTunerInputError
-    from dreamtuner_core.pretrain import TrainConfig, train
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.config import TrainConfig
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.trainer import train
 
     config = TrainConfig(
         data=args.data, checkpoint=args.checkpoint, controlnet=args.controlnet, clip_vision=args.clip_vision,

@@ -7,8 +7,11 @@
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from headless.run import main  # noqa: E402
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from dreamtuner_devtools import pack  # noqa: E402
+
+pack.load(nodes=False)  # the pack under its one import name, without the nodes
+from comfyui_dreamtuner.headless.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,10 +2,10 @@
 
 ComfyUI imports a custom node folder (whose name may contain dashes) as a
 package from its ``__init__.py``; the tests do the same under the name
-``comfyui_dreamtuner``, so relative imports inside the pack are exercised.
+``comfyui_dreamtuner`` (:mod:`dreamtuner_devtools.pack`), so relative imports
+inside the pack are exercised.
 """
 
-import importlib.util
 import pathlib
 import sys
 
@@ -13,26 +13,12 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_dreamtuner"
+sys.path.append(str(ROOT))  # dreamtuner_devtools; after ComfyUI's own modules (``nodes`` is one of theirs)
 
-if not torch.cuda.is_available():
-    # comfy.model_management probes CUDA at import unless --cpu is set first.
-    import comfy.cli_args
+from dreamtuner_devtools import pack  # noqa: E402
 
-    comfy.cli_args.args.cpu = True
-
-
-def load_pack():
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACKAGE]
-
-
-load_pack()
+pack.cpu_unless_cuda()
+pack.load()
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 

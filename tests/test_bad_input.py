@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from test_self_subject_attention import ssa
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import comfy.clip_vision
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from tolerances import assert_rounding_close, network_shape
-from comfyui_dreamtuner.dreamtuner_core.clip_features import (
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.clip_features import (
     clip_layer_features, clip_vision_shape, open_clip_layer_features)
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 

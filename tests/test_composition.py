@@ -8,10 +8,10 @@ import torch
 import comfy.controlnet
 import comfy.sd
 import comfy.utils
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import host
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
-from comfyui_dreamtuner.dreamtuner_core.reference_pass import ReferenceBatchWrapper
+from comfyui_dreamtuner.dreamtuner_core.ssa.reference_rows import ReferenceBatchWrapper
 from test_self_subject_attention import evaluation_features, ssa
 from tolerances import assert_network_outputs_close
 

@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from test_self_subject_attention import ssa
 
@@ -73,17 +73,17 @@ def test_self_attention_guidance_names_itself_and_the_fix_in_either_order(sd15):
 
 def test_hypertile_tiles_read_their_items_reference(sd15, monkeypatch):
     """Every tile of a generated item attends to that item's reference tokens (Eq. 3 per tile)."""
-    from comfyui_dreamtuner.dreamtuner_core import reference_pass
+    from comfyui_dreamtuner.dreamtuner_core.ssa import replace
 
     model, pos, neg, latent, reference = sd15
     rows = []
-    original = reference_pass.self_subject_attention
+    original = replace.self_subject_attention
 
     def spy(q, k, v, k_ref, *args, **kwargs):
         rows.append((q.shape[0], q.shape[1], k_ref.shape[0]))
         return original(q, k, v, k_ref, *args, **kwargs)
 
-    monkeypatch.setattr(reference_pass, "self_subject_attention", spy)
+    monkeypatch.setattr(replace, "self_subject_attention", spy)
     run(ssa(core_node("HyperTile", model), reference), pos, neg, latent)
     tiled = [r for r in rows if r[0] > 2]  # cond + uncond split into tiles on the 16x16 and 8x8 grids
     # Each item's tiles together hold its tokens, and every tile reads all of the (same-sized) reference's.
@@ -94,9 +94,10 @@ def test_hypertile_tiles_read_their_items_reference(sd15, monkeypatch):
 def test_a_pack_calling_the_attention_on_part_of_the_rows_gets_eq3_for_them():
     """Advanced-ControlNet's Reference ControlNet calls the attention replacement itself, again on the uncond
     rows only: those rows read the features the plan gives every row."""
-    from comfyui_dreamtuner.dreamtuner_core.reference_pass import (
-        CALL_KEY, CallPlan, ReferenceFeatures, SelfSubjectAttentionReplace)
-    from comfyui_dreamtuner.dreamtuner_core.self_subject_attention import reference_tokens, self_subject_attention
+    from comfyui_dreamtuner.dreamtuner_core.keys import CALL_KEY
+    from comfyui_dreamtuner.dreamtuner_core.ssa.attention import reference_tokens, self_subject_attention
+    from comfyui_dreamtuner.dreamtuner_core.ssa.cache import CallPlan, ReferenceFeatures
+    from comfyui_dreamtuner.dreamtuner_core.ssa.replace import SelfSubjectAttentionReplace
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 16, 32, generator=g) for _ in range(3))

@@ -7,7 +7,7 @@ import torch
 
 import comfy.ldm.modules.attention as host_attention
 from comfyui_dreamtuner.dreamtuner_core.references import Reference, token_grid
-from comfyui_dreamtuner.dreamtuner_core.self_subject_attention import reference_tokens, self_subject_attention
+from comfyui_dreamtuner.dreamtuner_core.ssa.attention import reference_tokens, self_subject_attention
 from tolerances import assert_rounding_close
 
 BACKENDS = ["attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch"]

@@ -11,9 +11,9 @@ import torch
 
 import comfy.ldm.modules.attention as host_attention
 from comfyui_dreamtuner.dreamtuner_core import host
-from comfyui_dreamtuner.dreamtuner_core.reference_pass import RunCache
+from comfyui_dreamtuner.dreamtuner_core.ssa.cache import RunCache
 from comfyui_dreamtuner.dreamtuner_core.references import Reference
-from comfyui_dreamtuner.dreamtuner_core.self_subject_attention import reference_tokens, self_subject_attention
+from comfyui_dreamtuner.dreamtuner_core.ssa.attention import reference_tokens, self_subject_attention
 from test_eq3 import BACKENDS, dense_ssa, random_layer
 
 # 19 reference tokens, 13 of them kept: 16 + 13 = 29 keys, not a multiple of 8.

@@ -17,11 +17,11 @@ import torch
 
 import comfy.clip_vision
 import fidelity_models as fm
-import tiny_models as tm
-from comfyui_dreamtuner.dreamtuner_core import fidelity
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core import scoring as fidelity
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.dreamtuner_core.references import MASK_BACKGROUND_IS_ONE
-from comfyui_dreamtuner.nodes.fidelity import SubjectScore
+from comfyui_dreamtuner.nodes.scoring import SubjectScore
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
 pytest.importorskip("transformers", reason="transformers is not installed")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fidelity_models as fm
-from comfyui_dreamtuner.dreamtuner_core import dreambench
+from comfyui_dreamtuner.dreamtuner_core.scoring import dreambench
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.headless import evaluate
 from comfyui_dreamtuner.headless import server as comfy_server

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 

@@ -5,10 +5,13 @@ import os
 import pytest
 import torch
 
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
+from comfyui_dreamtuner.dreamtuner_core.charts import loss_curve_image
+from comfyui_dreamtuner.dreamtuner_core.finetune.loop import _adm
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.dreamtuner_core.host import output_scale
+from comfyui_dreamtuner.dreamtuner_core.training.host_training import prediction_loss
 from comfyui_dreamtuner.dreamtuner_core.references import MASK_BACKGROUND_IS_ONE
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: no thread hand-offs
@@ -54,7 +57,7 @@ def test_a_mask_selecting_nothing(parts):
 
 def test_a_mask_of_another_size_is_resized():
     """Documented automatic fix: the mask is resized to the picture (bilinear), then whitens the background."""
-    from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import white_background
+    from comfyui_dreamtuner.dreamtuner_core.images import white_background
 
     image = torch.zeros(1, 32, 32, 3)
     mask = torch.zeros(1, 8, 8)
@@ -120,7 +123,7 @@ def test_prediction_targets_are_eps_and_v_as_computed_by_hand():
         x_t = sampling.noise_scaling(s, eps, x0)
         denoised = sampling.calculate_denoised(sigma, output, x_t)
         expected = ((output - target(eps, x0, s)) ** 2).mean(dim=(1, 2, 3))
-        got = ft.prediction_loss(sampling, denoised, x0, sigma)
+        got = prediction_loss(sampling, denoised, x0, sigma)
         # denoised = a x_t + b output and back: a few float32 roundings relative to |x_t| / |b|.
         b = output_scale(sampling, sigma, x0).abs().view(-1)
         tolerance = 8 * torch.finfo(torch.float32).eps * (x_t.abs().amax(dim=(1, 2, 3)) / b + 1) * expected.sqrt() * 4
@@ -131,10 +134,10 @@ def test_sdxl_training_inputs_include_its_adm_vector():
     """SDXL's UNet takes the pooled text + size embedding ('y'); the trainer builds it with the host's encode_adm."""
     model = tm.build("sdxl")
     pooled = torch.randn(2, 1280)
-    y = ft._adm(model, pooled, 64, 64)
+    y = _adm(model, pooled, 64, 64)
     assert y.shape == (2, model.model.adm_channels)
     assert torch.equal(y[:, :1280], pooled)
-    assert ft._adm(tm.build("sd15"), torch.randn(2, 32), 64, 64) is None
+    assert _adm(tm.build("sd15"), torch.randn(2, 32), 64, 64) is None
 
 
 def test_the_run_hash_sees_a_lora_under_the_model_and_its_strength(parts, tmp_path):
@@ -154,8 +157,8 @@ def test_the_run_hash_sees_a_lora_under_the_model_and_its_strength(parts, tmp_pa
 
 
 def test_the_loss_curve_is_an_image_that_follows_the_losses():
-    falling = ft.loss_curve_image([1.0 - i / 50 for i in range(50)], [1.2 - i / 40 for i in range(50)])
-    rising = ft.loss_curve_image([i / 50 for i in range(50)])
+    falling = loss_curve_image([1.0 - i / 50 for i in range(50)], [1.2 - i / 40 for i in range(50)])
+    rising = loss_curve_image([i / 50 for i in range(50)])
     assert falling.shape == (1, 256, 512, 3) and falling.dtype == torch.float32
     assert 0.0 <= float(falling.min()) and float(falling.max()) <= 1.0
     assert not torch.equal(falling, rising)
@@ -183,7 +186,7 @@ def test_the_model_fingerprint_ignores_another_clones_lora_patched_in_place(tmp_
     """The host patches a LoRA into the weights all clones share; the run hash must read the weights as loaded."""
     import comfy.lora
     import comfy.utils
-    from comfyui_dreamtuner.dreamtuner_core.finetune import unpatched_state_dict
+    from comfyui_dreamtuner.dreamtuner_core.finetune.run_files import unpatched_state_dict
 
     model = tm.build("sd15")
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import tiny_models as tm
+from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
-from comfyui_dreamtuner.dreamtuner_core.encoder_file import load_encoder
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import SubjectEncoderPatch
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.file import load_encoder
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import SubjectEncoderPatch
 from test_finetune import adapter_rounding_tolerance, against_the_host_loader, folders_in, subject_image
 from test_subject_encoder import apply, make_encoder
 

@@ -5,11 +5,12 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-import tiny_models as tm
-from comfyui_dreamtuner.dreamtuner_core import interleaved_cfg as icfg
-from comfyui_dreamtuner.dreamtuner_core import reference_pass
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core.guidance import interleaved_cfg as icfg
+from comfyui_dreamtuner.dreamtuner_core.guidance import step_clock
+from comfyui_dreamtuner.dreamtuner_core.ssa import reference_rows
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
-from comfyui_dreamtuner.nodes.interleaved_cfg import InterleavedCFGGuider, InterleavedCFGSampler
+from comfyui_dreamtuner.nodes.guidance import InterleavedCFGGuider, InterleavedCFGSampler
 from test_self_subject_attention import sampling_magnitude, ssa
 from tolerances import assert_network_outputs_close, assert_rounding_close
 
@@ -89,13 +90,13 @@ def test_eq4_needs_no_negative_and_differs_from_plain_cfg(sd15):
 
 def spy_reference_levels(monkeypatch):
     levels = []
-    original = reference_pass.reference_inputs
+    original = reference_rows.reference_inputs
 
     def spy(base, rows, x, t):
         levels.append(sorted({round(level, 5) for level, _, _ in rows}))
         return original(base, rows, x, t)
 
-    monkeypatch.setattr(reference_pass, "reference_inputs", spy)
+    monkeypatch.setattr(reference_rows, "reference_inputs", spy)
     return levels
 
 
@@ -273,12 +274,12 @@ def test_the_step_of_each_evaluation_from_the_order_of_evaluations_and_callbacks
     def events(pattern):
         return [("eval", 1.0) if e == "e" else ("step", int(e)) for e in pattern]
 
-    assert icfg.steps_from_events(events("e0e1e2"), 3) == [0, 1, 2]  # euler
-    assert icfg.steps_from_events(events("e0ee1ee2e"), 3) == [0, 0, 1, 1, 2, 2]  # heun, dpm_2: corrector after
-    assert icfg.steps_from_events(events("e0eee1"), 2) == [0, 0, 0, 1]  # heunpp2: two correctors
-    assert icfg.steps_from_events(events("eee0eee1"), 3) is None  # fewer callbacks than steps (dpm_fast)
-    assert icfg.steps_from_events(events("e1e0"), 2) is None  # callbacks out of order
-    assert icfg.steps_from_events(events("0e"), 1) is None  # a callback before any evaluation
+    assert step_clock.steps_from_events(events("e0e1e2"), 3) == [0, 1, 2]  # euler
+    assert step_clock.steps_from_events(events("e0ee1ee2e"), 3) == [0, 0, 1, 1, 2, 2]  # heun, dpm_2: corrector after
+    assert step_clock.steps_from_events(events("e0eee1"), 2) == [0, 0, 0, 1]  # heunpp2: two correctors
+    assert step_clock.steps_from_events(events("eee0eee1"), 3) is None  # fewer callbacks than steps (dpm_fast)
+    assert step_clock.steps_from_events(events("e1e0"), 2) is None  # callbacks out of order
+    assert step_clock.steps_from_events(events("0e"), 1) is None  # a callback before any evaluation
 
 
 def test_an_adaptive_sampler_falls_back_to_the_schedule_interval_of_each_evaluation(sd15):
@@ -292,7 +293,7 @@ def test_an_adaptive_sampler_falls_back_to_the_schedule_interval_of_each_evaluat
 
 def test_interval_step_of_a_sigma():
     sigmas = [10.0, 5.0, 2.0, 0.0]
-    assert [icfg.interval_step(sigmas, s) for s in (12.0, 10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.0)] == \
+    assert [step_clock.interval_step(sigmas, s) for s in (12.0, 10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.0)] == \
         [0, 0, 0, 1, 1, 2, 2, 2]
 
 

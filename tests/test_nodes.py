@@ -3,8 +3,8 @@
 import torch
 
 import comfyui_dreamtuner
-import tiny_models as tm
-from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch
 
 HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN", "IMAGE",
               "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER", "CLIP", "VAE"}

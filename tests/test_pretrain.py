@@ -4,7 +4,7 @@ The files come from scripts/make_pretrain_smoke_files.py (an SD1.5-format
 checkpoint with a narrow UNet the host detects as SD1.5, a ControlNet for it, a
 small CLIP vision tower) and are loaded by the host's own loaders. The
 checkpoint's CLIP text encoder is replaced by a fixed per-caption conditioning
-(tests/pretrain_worker.caption_conditioning), because the PyPI comfy core ships
+(dreamtuner_devtools/pretrain_worker.caption_conditioning), because the PyPI comfy core ships
 without CLIP-L's tokenizer; test_checkpoint_text_encoder covers that path where
 the host has it.
 
@@ -33,13 +33,17 @@ import sys
 import pytest
 import torch
 
-import pretrain_worker
+from dreamtuner_devtools import pretrain_worker
 from tolerances import SAFETY, eps, network_shape, rounding_tolerance
-from comfyui_dreamtuner.dreamtuner_core import encoder_file
-from comfyui_dreamtuner.dreamtuner_core.pretrain import RunFiles, TrainConfig, Trainer, World, load_clip_vision
-from comfyui_dreamtuner.dreamtuner_core.pretrain_data import PreparedDataset, Augmentation
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder import SubjectEncoder
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import apply_subject_encoder
+from comfyui_dreamtuner.dreamtuner_core.pretrain.config import TrainConfig
+from comfyui_dreamtuner.dreamtuner_core.pretrain.data import PreparedDataset, Augmentation
+from comfyui_dreamtuner.dreamtuner_core.pretrain.frozen_models import load_clip_vision
+from comfyui_dreamtuner.dreamtuner_core.pretrain.run_files import RunFiles
+from comfyui_dreamtuner.dreamtuner_core.pretrain.trainer import Trainer
+from comfyui_dreamtuner.dreamtuner_core.pretrain.world import World
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder import file as encoder_file
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import SubjectEncoder
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import apply_subject_encoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32  # px: latents of 4x4, the narrow UNet's two levels still apply
@@ -189,7 +193,7 @@ def test_the_loss_on_the_training_images_falls(smoke_files, tmp_path):
 
 
 def test_training_forward_equals_the_inference_patch(smoke_files, tmp_path):
-    """TrainingPatch inside the training objective == SubjectEncoderPatch as ApplySubjectEncoder installs it."""
+    """The trainable SubjectEncoderPatch inside the training objective == SubjectEncoderPatch as ApplySubjectEncoder installs it."""
     t = trainer(smoke_files, tmp_path, augment=False)
     with torch.no_grad():  # a trained-looking encoder: non-zero S-E-A outputs
         for attention in t.encoder.attention.values():
@@ -219,12 +223,12 @@ def test_training_forward_equals_the_inference_patch(smoke_files, tmp_path):
         inference = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control(),
                                               transformer_options=options)
         plain = t.frozen.base.apply_model(x_noisy, sigma, c_crossattn=context, control=control())
-        from comfyui_dreamtuner.dreamtuner_core.pretrain import TrainingPatch
+        from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import SubjectEncoderPatch
 
         tokens = t.encoder.encode(features)
         training = t.frozen.base.apply_model(
             x_noisy, sigma, c_crossattn=context, control=control(),
-            transformer_options={"patches": {"middle_patch": [TrainingPatch(t.encoder, tokens, 1.0)]}})
+            transformer_options={"patches": {"middle_patch": [SubjectEncoderPatch.trainable(t.encoder, 1.0, tokens)]}})
     assert not torch.equal(inference, plain)
     torch.testing.assert_close(training, inference, rtol=0, atol=64 * torch.finfo(torch.float32).eps *
                                float(inference.abs().max()))
@@ -268,7 +272,7 @@ def test_checkpoint_text_encoder(smoke_files, tmp_path):
 
     if not os.path.exists(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")):
         pytest.skip("this comfy package ships without CLIP-L's config/tokenizer (PyPI notcomfy)")
-    from comfyui_dreamtuner.dreamtuner_core.pretrain import FrozenModels
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.frozen_models import FrozenModels
 
     frozen = FrozenModels(TrainConfig(**config(smoke_files, tmp_path)), torch.device("cpu"))
     got = frozen.text("a photo of a red toy")
@@ -280,8 +284,8 @@ def test_checkpoint_text_encoder(smoke_files, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients(smoke_files, tmp_path):
     """Recomputing the UNet's ResBlocks in the backward pass changes memory, not the gradients (same ops, same order)."""
-    from comfyui_dreamtuner.dreamtuner_core.pretrain import (disable_gradient_checkpointing,
-                                                             enable_gradient_checkpointing)
+    from comfyui_dreamtuner.dreamtuner_core.training.host_training import (disable_gradient_checkpointing,
+                                                                        enable_gradient_checkpointing)
 
     t = trainer(smoke_files, tmp_path, augment=False)
     with torch.no_grad():
@@ -307,7 +311,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(smoke_files, tmp_path):
 
 def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
     """A run killed while writing leaves ``NAME.partial`` (the rename never happened): resume takes the last complete file."""
-    from comfyui_dreamtuner.dreamtuner_core.pretrain import resolve_resume
+    from comfyui_dreamtuner.dreamtuner_core.pretrain.checkpoints import resolve_resume
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -325,7 +329,7 @@ def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
 def test_bf16_autocast_trains_with_fp32_master_weights(smoke_files, tmp_path):
     """--precision bf16 (the GPU default where supported), here on the CPU: the forward runs in bf16 under
     autocast, the encoder's weights and AdamW state stay fp32, the step is finite and close to fp32's."""
-    from comfyui_dreamtuner.dreamtuner_core.pretrain import autocast_dtype
+    from comfyui_dreamtuner.dreamtuner_core.training.host_training import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cuda")) is None
     t = trainer(smoke_files, tmp_path, augment=False, precision="bf16")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
-from comfyui_dreamtuner.dreamtuner_core.pretrain_data import Augmentation, PreparedDataset
+from comfyui_dreamtuner.dreamtuner_core.pretrain.data import Augmentation, PreparedDataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -14,10 +14,10 @@ from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
 import comfy.model_patcher
-import tiny_models as tm
-from comfyui_dreamtuner.dreamtuner_core import reference_pass
-from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import sample_interleaved
-from comfyui_dreamtuner.dreamtuner_core.reference_pass import SelfSubjectAttentionReplace
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved
+from comfyui_dreamtuner.dreamtuner_core.ssa import cache
+from comfyui_dreamtuner.dreamtuner_core.ssa.replace import SelfSubjectAttentionReplace
 from test_self_subject_attention import free_memory_of, ssa, state_of
 from test_subject_encoder import apply as apply_encoder
 from test_subject_encoder import make_encoder
@@ -52,13 +52,13 @@ def test_mask_work_is_done_once_per_run_and_grid_never_per_layer_or_step(sd15, m
     mask[:, 8:40, 16:56] = 1.0
     patched = ssa(model, tm.latent(4), reference_mask=mask)
     calls = []
-    original = reference_pass.kept_reference_tokens
+    original = cache.kept_reference_tokens
 
     def counted(m_r, omega_ref):
         calls.append(m_r.numel())
         return original(m_r, omega_ref)
 
-    monkeypatch.setattr(reference_pass, "kept_reference_tokens", counted)
+    monkeypatch.setattr(cache, "kept_reference_tokens", counted)
     tm.sample(patched, pos, neg, latent, steps=3)
     # 7 self-attention layers on two token grids (8x8 and 4x4), 3 steps: two computations in all.
     assert sorted(calls) == [16, 64]
@@ -81,17 +81,17 @@ def test_reference_features_are_freed_after_every_evaluation(sd15):
     model, pos, neg, latent = sd15
     patched = ssa(model, tm.latent(4))
     features_during = []
-    original = reference_pass.RunCache.end_evaluation
+    original = cache.RunCache.end_evaluation
 
     def record(cache):
         features_during.append(sum(1 for by_sigma in cache.levels.values() for _ in by_sigma.values()))
         original(cache)
 
-    reference_pass.RunCache.end_evaluation = record
+    cache.RunCache.end_evaluation = record
     try:
         tm.sample(patched, pos, neg, latent, steps=3)
     finally:
-        reference_pass.RunCache.end_evaluation = original
+        cache.RunCache.end_evaluation = original
     assert features_during == [1, 1, 1]  # each evaluation had the features it needed ...
     assert state_of(patched).cache.levels == {}  # ... and none are left after it
 

@@ -9,11 +9,12 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-import tiny_models as tm
-from comfyui_dreamtuner.dreamtuner_core.reference_pass import (
-    CALL_KEY, STATE_KEY, CallPlan, ReferenceFeatures, RunCache, SelfSubjectAttentionReplace)
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core.keys import CALL_KEY, STATE_KEY
+from comfyui_dreamtuner.dreamtuner_core.ssa.cache import CallPlan, ReferenceFeatures, RunCache
+from comfyui_dreamtuner.dreamtuner_core.ssa.replace import SelfSubjectAttentionReplace
 from comfyui_dreamtuner.dreamtuner_core.references import Reference
-from comfyui_dreamtuner.nodes.self_subject_attention import SelfSubjectAttentionPatch
+from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch
 from tolerances import assert_network_outputs_close, assert_rounding_close, network_shape, rounding_tolerance
 
 

@@ -6,15 +6,17 @@ import pytest
 import safetensors.torch
 import torch
 
-import tiny_models as tm
-from comfyui_dreamtuner.dreamtuner_core import clip_features
-from comfyui_dreamtuner.dreamtuner_core.encoder_file import load_encoder, save_encoder
+from dreamtuner_devtools import tiny_models as tm
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder import clip_features
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.file import load_encoder, save_encoder
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
-from comfyui_dreamtuner.dreamtuner_core.interleaved_cfg import ENCODER_OFF_KEY, sample_interleaved
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder import (
+from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved
+from comfyui_dreamtuner.dreamtuner_core.images import white_background
+from comfyui_dreamtuner.dreamtuner_core.keys import ENCODER_OFF_KEY
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import (
     AttentionShape, EncoderConfig, SubjectEncoder, SubjectEncoderAttention, attention_layout,
     subject_encoder_attention)
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch import SubjectEncoderPatch, white_background
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import SubjectEncoderPatch
 from comfyui_dreamtuner.nodes.subject_encoder import ApplySubjectEncoder
 from test_self_subject_attention import ssa
 from tolerances import assert_rounding_close, network_shape
@@ -103,7 +105,7 @@ def test_the_input_model_is_unchanged_and_the_encoder_runs_once_per_run(setup, m
         calls["encode"] += 1
         return original_encode(*args, **kwargs)
 
-    import comfyui_dreamtuner.dreamtuner_core.subject_encoder_patch as patch_module
+    import comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch as patch_module
     monkeypatch.setattr(patch_module, "clip_layer_features", count_features)
     monkeypatch.setattr(encoder, "encode", count_encode)
     before = dict(model.model_options["transformer_options"]) if "transformer_options" in model.model_options else {}

@@ -25,7 +25,7 @@ import safetensors
 import torch
 
 import tier2
-from comfyui_dreamtuner.dreamtuner_core import encoder_file
+from comfyui_dreamtuner.dreamtuner_core.subject_encoder import file as encoder_file
 
 pytestmark = tier2.needs_comfyui
 ROOT = tier2.ROOT

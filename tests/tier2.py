@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = pathlib.Path(os.environ.get("DREAMTUNER_TIER2_CACHE", pathlib.Path.home() / ".cache" / "comfyui-dreamtuner"))
 ENCODER = "dreamtuner_sd15_untrained.safetensors"
 
-# models/<folder>/<name> -> the random-weight file behind it (kind for tests/tier2_assets.py, cache name).
+# models/<folder>/<name> -> the random-weight file behind it (kind for dreamtuner_devtools/tier2_assets.py, cache name).
 # "-v2": made with normalisation layers at identity (tier2_assets.init_); the first files had zero GroupNorm
 # scales, so their UNet output was exactly zero. The SDXL file is still the first kind (7 GB to remake).
 MODEL_FILES = {
@@ -60,7 +60,7 @@ PACKS = {
     "ipadapter": "ComfyUI_IPAdapter_plus",  # cubiq
     "animatediff": "ComfyUI-AnimateDiff-Evolved",  # Kosinkadink
 }
-# models/<folder>/<name> of each pack's random-weight file: (pack, kind for tests/tier2_assets.py, cache name).
+# models/<folder>/<name> of each pack's random-weight file: (pack, kind for dreamtuner_devtools/tier2_assets.py, cache name).
 PACK_MODEL_FILES = {
     "ipadapter/ip-adapter_sd15-random.safetensors": ("ipadapter", "sd15-ipadapter", "sd15-ipadapter-random.safetensors"),
     "animatediff_models/mm_sd_v15_v2-random.safetensors": ("animatediff", "sd15-motion-module",
@@ -99,7 +99,7 @@ def asset(kind, name, *extra):
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / name
     if not path.exists():
-        subprocess.run([python(), str(ROOT / "tests" / "tier2_assets.py"), kind, str(path), *map(str, extra)],
+        subprocess.run([python(), str(ROOT / "dreamtuner_devtools" / "tier2_assets.py"), kind, str(path), *map(str, extra)],
                        cwd=COMFYUI_PATH, check=True, timeout=900)
     return path
 

@@ -1,0 +1,91 @@
+"""Living with other packs: which patches are this pack's, when the reference may ride along, what is refused.
+
+Another pack's patch or wrapper may prepare its inputs for the batch it was
+given, so the reference then gets a clean call of its own; an attention
+replacement on a patched layer, or modules injected into the UNet that read
+batch rows as video frames, cannot be combined with Eq. 3 and are named.
+"""
+
+from __future__ import annotations
+
+from .. import host
+from ..errors import DreamTunerInputError
+from ..keys import is_own_patch
+
+
+def foreign_patches(options):
+    """Other packs' (and other core nodes') runtime patches in a call's ``transformer_options``.
+
+    Returns a list of (kind, patch): attention/block ``patches``, ``patches_replace`` entries and
+    current ComfyUI's ``wrappers`` around the model call. LoRA and checkpoint weights are not patches
+    here: they are the model's weights, which the reference pass shares.
+    """
+    found = []
+    for kind, patches in (options.get("patches") or {}).items():
+        found += [(kind, p) for p in patches if not is_own_patch(p)]
+    for kind, patches in (options.get("patches_replace") or {}).items():
+        found += [(kind, p) for p in patches.values() if not is_own_patch(p)]
+    for kind, wrappers in (options.get("wrappers") or {}).items():
+        found += [(kind, w) for by_key in wrappers.values() for w in by_key]
+    return found
+
+
+def rides_along_safely(c) -> bool:
+    """Whether reference rows may join this call's batch (the fast path).
+
+    Only when nothing but this pack and the host's own ControlNets (which get zero residuals for the
+    reference rows) acts on the call: another pack's patch or wrapper may prepare its inputs for the
+    batch it was given, run passes of its own (Advanced-ControlNet's Reference ControlNet) or give
+    the reference rows its own conditioning (IP-Adapter), so the reference gets a clean call of its
+    own instead (:func:`reference_pass_options`).
+    """
+    return not foreign_patches(c.get("transformer_options") or {})
+
+
+def reference_pass_options(options):
+    """``transformer_options`` for a reference-only call: this pack's patches, none of other packs'.
+
+    The reference pass is the UNet with the model's weights (checkpoint, LoRA, per-conditioning
+    hooks) and the reference's text: other packs' runtime patches, wrappers and ControlNets shape
+    the generated image, not the reference's features (README, "Composing with other packs").
+    """
+    clean = {k: v for k, v in options.items() if k not in ("patches", "patches_replace", "wrappers")}
+    clean["patches"] = {kind: [p for p in patches if is_own_patch(p)]
+                        for kind, patches in (options.get("patches") or {}).items()}
+    clean["patches_replace"] = {kind: {key: p for key, p in patches.items() if is_own_patch(p)}
+                                for kind, patches in (options.get("patches_replace") or {}).items()}
+    clean["cond_or_uncond"] = [0]
+    return clean
+
+
+def replacement_conflict(other, layer) -> str:
+    return (f"Self-Subject-Attention cannot be combined with the attention replacement {host.describe(other)} on "
+            f"self-attention layer {'.'.join(map(str, layer))}: both replace the same attention (Eq. 3 needs the "
+            "layer's own keys and values). Exclude that block in Self-Subject-Attention's 'blocks' input (for "
+            "example 'input, output' when the other patch is on the middle block), or remove the other patch.")
+
+
+def check_replacements(state, options):
+    """A node placed after Self-Subject-Attention may have replaced its attention on some layers.
+
+    Checked against the sampler's model options (the post-CFG hook): another node's replacement for
+    one pass of its own (Perturbed-Attention Guidance) only applies to that pass and is fine.
+    """
+    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    for layer in sorted(state.layers):
+        current = replaced.get(layer) or replaced.get(layer[:2])
+        if not is_own_patch(current):
+            raise DreamTunerInputError(replacement_conflict(current, layer))
+
+
+def check_model_injections(base):
+    """Refuse models whose UNet carries another pack's modules that see every batch row as a video frame."""
+    patcher = getattr(base, "current_patcher", None)
+    injections = getattr(patcher, "injections", None) or {}
+    if injections:
+        names = ", ".join(sorted(injections))
+        raise DreamTunerInputError(
+            f"Self-Subject-Attention cannot run its reference pass through this model: another pack has "
+            f"injected modules into the UNet ({names}; AnimateDiff's motion modules, for example, read every "
+            "batch row as a video frame, and the reference is not a frame). Put Self-Subject-Attention on a "
+            "model without them, or remove that pack's node from this model.")
