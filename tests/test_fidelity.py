@@ -1,4 +1,4 @@
-"""CLIP-I, CLIP-T and DINO (dreamtuner_core.fidelity) and the Subject Score node, against cosines by hand.
+"""CLIP-I, CLIP-T and DINO (dreamtuner_core.scoring) and the Subject Score node, against cosines by hand.
 
 Random-weight models in the real formats, loaded back through the real loaders:
 an open_clip model saved as safetensors (read back with safetensors into the model

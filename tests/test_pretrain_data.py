@@ -1,4 +1,4 @@
-"""Data preparation (scripts/prepare_encoder_data.py) and the prepared dataset (dreamtuner_core.pretrain_data).
+"""Data preparation (scripts/prepare_encoder_data.py) and the prepared dataset (dreamtuner_core.pretrain.data).
 
 Tiny random-weight transformers models (DPT depth, SegFormer segmentation) are
 saved with save_pretrained and loaded back from their folders by the script
