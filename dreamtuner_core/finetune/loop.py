@@ -38,7 +38,7 @@ from ..references import MASK_SUBJECT_IS_ONE
 from ..subject_encoder.file import save_encoder
 from ..subject_encoder.patch import SubjectEncoderPatch, encoder_patch_of, with_encoder_patch
 from ..training.host_training import (autocast, autocast_dtype, grad_mode, gradient_checkpointing,
-                                      inplace_safe_norms, normal_tensors, prediction_loss)
+                                      inplace_block_norms, inputs_copied, normal_tensors, prediction_loss)
 from .adapters import Adapter, text_targets, unet_targets
 from .data import prepare_latents
 from .run_files import existing_run, from_files, run_hash, run_paths
@@ -203,7 +203,7 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
         if encoder is not None:
             groups.append({"params": list(encoder.resblocks.parameters()), "lr": settings.encoder_lr})
         unet = work.model.diffusion_model
-        with state.active(), inplace_safe_norms(unet, clip.cond_stage_model), \
+        with state.active(), inputs_copied(inplace_block_norms(unet, clip.cond_stage_model)), \
                 gradient_checkpointing(unet, settings.gradient_checkpointing, every_layer=True):
             optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
             with torch.no_grad():

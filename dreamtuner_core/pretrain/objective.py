@@ -14,7 +14,7 @@ import torch
 from ..keys import ENCODER_PATCH_SLOT
 from ..subject_encoder.model import SubjectEncoder
 from ..subject_encoder.patch import SubjectEncoderPatch
-from ..training.host_training import copy_saved_activations, prediction_loss
+from ..training.host_training import inplace_block_norms, inputs_copied, prediction_loss, skip_consumers
 
 
 class EncoderObjective(torch.nn.Module):
@@ -27,7 +27,8 @@ class EncoderObjective(torch.nn.Module):
     def forward(self, features, x_noisy, sigma, x0, context, control, base):
         tokens = self.encoder.encode(features)
         options = {"patches": {ENCODER_PATCH_SLOT: [SubjectEncoderPatch.trainable(self.encoder, self.beta, tokens)]}}
-        with copy_saved_activations():
+        unet = base.diffusion_model
+        with inputs_copied(inplace_block_norms(unet) + skip_consumers(unet)):
             denoised = base.apply_model(x_noisy, sigma, c_crossattn=context, control=control,
                                         transformer_options=options).float()
         return prediction_loss(base.model_sampling, denoised, x0, sigma, per_item=False)

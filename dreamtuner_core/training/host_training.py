@@ -8,6 +8,7 @@ with these helpers, and nothing else of the host is changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -67,10 +68,9 @@ def enable_gradient_checkpointing(unet, every_layer=False):
     """Recompute UNet layers in the backward pass instead of keeping their activations; returns them.
 
     The UNet calls the layers of each block itself (``forward_timestep_embed``), so layers are wrapped,
-    not blocks. ``every_layer``: every layer of every block (DreamTunerFinetune, whose in-place adds are
-    made safe by :func:`inplace_safe_norms`); else only the ResBlocks (most of the convolution
-    activations; pretraining, whose transformer blocks rely on :func:`copy_saved_activations`, which a
-    recomputation cannot protect).
+    not blocks. ``every_layer``: every layer of every block (DreamTunerFinetune); else only the ResBlocks
+    (most of the convolution activations; pretraining). Either way the host's in-place adds stay safe in
+    the recomputation (:func:`inputs_copied`).
     """
     if every_layer:
         layers = [layer for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
@@ -106,6 +106,14 @@ def gradient_checkpointing(unet, enabled, every_layer=False):
 
 # ----------------------------------------------------------------------------- the host's in-place adds
 
+@functools.lru_cache(maxsize=None)
+def _adds_in_place(block_class, line) -> bool:
+    try:
+        return line in inspect.getsource(block_class.forward)
+    except (OSError, TypeError):
+        return True
+
+
 def _inplace_blocks():
     """(block class, its norms, the in-place line) of host blocks that add to their input in place."""
     import comfy.clip_model
@@ -115,59 +123,46 @@ def _inplace_blocks():
             (comfy.clip_model.CLIPLayer, ("layer_norm1", "layer_norm2"), "x += self."))
 
 
-@contextlib.contextmanager
-def inplace_safe_norms(*roots):
-    """Blocks that add to ``x`` in place (``x += n``) after a LayerNorm saved ``x`` for backward are
-    rejected by autograd once anything before them trains: the UNet's BasicTransformerBlock in the
-    late-2024 core, CLIP's CLIPLayer in both cores (the host's own trainer trains neither text nor
-    anything upstream of such a block). Their norms get a copy of their input (pre-hooks, removed
-    afterwards, and run again by a checkpoint's recomputation); blocks whose source adds out of place
-    are left alone.
-    """
-    handles = []
-    for block_class, norms, line in _inplace_blocks():
-        try:
-            inplace = line in inspect.getsource(block_class.forward)
-        except (OSError, TypeError):
-            inplace = True
-        if not inplace:
+def inplace_block_norms(*roots):
+    """The norms of host blocks that add to ``x`` in place (``x += n``) after the norm saved ``x``: the UNet's
+    BasicTransformerBlock in the late-2024 core, CLIP's CLIPLayer in both cores. Blocks whose source adds out
+    of place are left out."""
+    norms = []
+    for block_class, names, line in _inplace_blocks():
+        if not _adds_in_place(block_class, line):
             continue
         for root in roots:
             for module in root.modules():
                 if isinstance(module, block_class):
-                    for norm in norms:
-                        handles.append(getattr(module, norm).register_forward_pre_hook(
-                            lambda m, args: (args[0].clone(),) + tuple(args[1:])))
+                    norms += [getattr(module, name) for name in names]
+    return norms
+
+
+def skip_consumers(unet):
+    """The first layer of every block that reads a skip connection before the host's ``apply_control`` adds
+    the ControlNet's output residuals to it in place (the input blocks after the first, the middle block)."""
+    blocks = list(unet.input_blocks)[1:] + ([unet.middle_block] if unet.middle_block is not None else [])
+    return [block[0] for block in blocks if len(block)]
+
+
+@contextlib.contextmanager
+def inputs_copied(modules):
+    """The one fix for the host's in-place adds: each of ``modules`` gets a copy of its input.
+
+    The host's code is written for inference and adds in place to tensors that autograd saved for backward
+    (a block's ``x += n`` after its norm saved ``x``; ``apply_control``'s ``h += residual`` on a skip
+    connection the next block saved), which autograd rejects once anything before them trains (the host's own
+    trainer trains neither text nor anything upstream of such a block). A module that gets a copy saves the
+    copy; the in-place add then changes only the host's own tensor. Pre-hooks, removed afterwards: they run
+    again in a checkpoint's recomputation, so checkpointed layers are protected as well.
+    """
+    handles = [module.register_forward_pre_hook(lambda m, args: (args[0].clone(),) + tuple(args[1:]))
+               for module in modules]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _copy_if_trainable(tensor):
-    """Autograd keeps a copy of each saved activation that carries gradient.
-
-    The host's UNet adds in place after the value was saved for backward: its transformer blocks add
-    residuals in place (``x += n``) after a norm has saved ``x`` (late-2024 core), and ``apply_control``
-    adds the ControlNet's residuals in place to the skip connections that the input blocks already
-    consumed. Once the S-E-A layers make ``x`` carry gradient, autograd would refuse that (or, worse,
-    see the wrong values); saving a copy keeps the host's code unchanged. Frozen activations (no
-    gradient) and parameters are saved as usual.
-    """
-    if tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter):
-        return tensor.clone()
-    return tensor
-
-
-def _same(tensor):
-    return tensor
-
-
-def copy_saved_activations():
-    """Every activation autograd saves in the block, if it carries gradient, saved as a copy
-    (:func:`_copy_if_trainable`): safe against any in-place add of the host, outside checkpointed layers."""
-    return torch.autograd.graph.saved_tensors_hooks(_copy_if_trainable, _same)
 
 
 # ----------------------------------------------------------------------------- autocast
