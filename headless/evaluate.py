@@ -236,8 +236,8 @@ class RunnerGenerator:
             options = argparse.Namespace(image=reference, mask=None, prompt=job.prompt, negative=self.args.negative,
                                          seed=job.seed, steps=self.args.steps, size=self.args.size,
                                          set=list(self.args.set) + overrides)
-            runner.apply_overrides(workflow, object_info, options, scratch)
-            runner.upload_images(workflow, object_info, server)
+            named = runner.apply_overrides(workflow, object_info, options, scratch)
+            runner.upload_images(workflow, object_info, server, named)
         images = runner.submit(server, runner.api_prompt(workflow, object_info), workflow, lambda kind, data: None,
                                self.args.timeout)
         if len(images) != 1:

@@ -205,20 +205,30 @@ class Server:
                 events.close()
 
     def download(self, image, folder):
-        """Write one output image of the history into ``folder`` (never over an existing file); returns its path."""
+        """Write one output image of the history into ``folder`` (never over an existing file); returns its path.
+
+        The file keeps only the base name the server gives it: a name with a folder or ``..`` stays in ``folder``.
+        """
         query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
         with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=60) as response:
             data = response.read()
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stem, suffix = os.path.splitext(image["filename"])
-        target, n = folder / image["filename"], 1
+        name = base_name(image["filename"])
+        stem, suffix = os.path.splitext(name)
+        target, n = folder / name, 1
         while target.exists():
             target, n = folder / f"{stem}_{n}{suffix}", n + 1
         partial = target.with_name(target.name + ".partial")
         partial.write_bytes(data)
         os.replace(partial, target)
         return target
+
+
+def base_name(filename):
+    """The last part of a server-given file name (either slash), never empty, ``.`` or ``..``."""
+    name = str(filename).replace("\\", "/").rsplit("/", 1)[-1]
+    return "image.png" if name in ("", ".", "..") else name
 
 
 def _title(prompt, node_id, class_type=None):

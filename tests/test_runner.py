@@ -337,3 +337,84 @@ def test_a_conflicting_comfy_arg_fails_at_once_not_after_the_start_up_timeout(tm
     assert time.monotonic() - started < 30
     assert result.returncode == 2 and "--comfy-arg=--port=9: the runner sets --port" in result.stderr
     assert not (comfy / "pid").exists()  # ComfyUI was not started
+
+
+def _with_subject(workflow_path, value):
+    workflow = wf.load(workflow_path)
+    node = next(n for n in workflow["nodes"] if n["type"] == "LoadImage")
+    wf.set_widget(node, DEFS["LoadImage"], "image", value)
+    return workflow
+
+
+def _png(path, color=(200, 40, 30)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    return path
+
+
+def test_a_workflow_naming_a_file_outside_the_input_folder_uploads_nothing(tmp_path, monkeypatch):
+    secret = _png(tmp_path / "home" / "secret.png")  # an image even: the workflow did not get to choose it
+    (tmp_path / "home" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    monkeypatch.chdir(tmp_path / "home")
+    for value in (str(secret), str(tmp_path / "home" / "id_rsa"), "../home/secret.png", "secret.png",
+                  "~/.ssh/id_rsa", "inputs/../../secret.png"):
+        server = _FakeServer()
+        workflow = _with_subject(WORKFLOWS[0], value)
+        if os.path.isabs(value) or ".." in value or value.startswith("~"):
+            with pytest.raises(wf.WorkflowError, match="uploads only images you name"):
+                runner.upload_images(workflow, DEFS, server)
+        else:  # a plain name: left for the server to find in its input folder, not read from here
+            runner.upload_images(workflow, DEFS, server)
+            assert _values(workflow, "LoadImage")["image"] == value
+        assert server.uploaded == [], value
+
+
+def test_a_shared_workflow_cannot_make_the_runner_send_a_file_to_a_remote_server(tmp_path, capsys):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    shared = tmp_path / "shared.json"
+    shared.write_text(json.dumps(_with_subject(WORKFLOWS[0], str(secret))))
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    with fake_comfyui.running(comfy, DEFS) as url:
+        code, err = _runner_output(capsys, "--server", url, "--workflow", str(shared), "--timeout", "5",
+                                   "--output", str(tmp_path / "out"))
+    assert code == 1 and "uploads only images you name" in err and str(secret) in err
+    assert not [r for r in fake_comfyui.requests(comfy) if r["path"] in ("/upload/image", "/prompt")]
+    assert not list((comfy).rglob("id_rsa*"))
+
+
+def test_images_named_on_the_command_line_are_uploaded_and_must_decode_as_images(tmp_path):
+    mine = _png(tmp_path / "dog.png")
+    for option in (("--image", str(mine)), ("--set", f"{_subject_id(WORKFLOWS[0])}.image={mine}")):
+        workflow, server = wf.load(WORKFLOWS[0]), _FakeServer()
+        named = runner.apply_overrides(workflow, DEFS, _args(*option), tmp_path)
+        runner.upload_images(workflow, DEFS, server, named)
+        assert mine in server.uploaded and _values(workflow, "LoadImage")["image"] == "uploaded/dog.png"
+    text = tmp_path / "notes.png"
+    text.write_text("not an image, whatever its name says")
+    for option in (("--image", str(text)), ("--set", f"{_subject_id(WORKFLOWS[0])}.image={text}")):
+        workflow, server = wf.load(WORKFLOWS[0]), _FakeServer()
+        with pytest.raises(wf.WorkflowError, match="not an image"):
+            runner.upload_images(workflow, DEFS, server, runner.apply_overrides(workflow, DEFS, _args(*option),
+                                                                                tmp_path))
+        assert server.uploaded == []
+
+
+def _subject_id(path):
+    return next(n["id"] for n in wf.load(path)["nodes"] if n["type"] == "LoadImage")
+
+
+@pytest.mark.parametrize("filename", ["../../escaped.png", "sub/dir/nested.png", "/tmp/absolute.png",
+                                      "..\\win\\escaped.png", ".."])
+def test_a_download_keeps_the_base_name_inside_the_output_folder(tmp_path, filename):
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    out = tmp_path / "a" / "b" / "out"
+    with fake_comfyui.running(comfy, DEFS) as url:
+        written = comfy_server.Server(url).download({"filename": filename, "subfolder": "", "type": "output"}, out)
+    assert written.parent == out and written.read_bytes() == fake_comfyui.VIEW_BYTES
+    assert written.name == (filename.replace("\\", "/").rsplit("/", 1)[-1] if filename != ".." else "image.png")
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "comfy" not in p.parts] == [written]
