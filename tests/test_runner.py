@@ -258,12 +258,31 @@ def test_a_timeout_cancels_the_run_on_the_server_and_an_upload_passes_the_check(
 
 
 def _stand_in_comfyui(folder):
-    """A ComfyUI folder whose main.py is the fake server: the runner starts it as it would start ComfyUI."""
+    """A ComfyUI folder whose main.py is the fake server: the runner starts it as it would start ComfyUI.
+
+    Like a ComfyUI whose nodes start helper processes, it first starts a child (its id in ``child_pid``) that
+    would outlive it.
+    """
     folder.mkdir()
     (folder / "object_info.json").write_text(json.dumps(DEFS))
-    (folder / "main.py").write_text(f"import sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
-                                    "import fake_comfyui\nfake_comfyui.main()\n")
+    (folder / "main.py").write_text(
+        f"import subprocess, sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        "open('child_pid', 'w').write(str(child.pid))\n"
+        "import fake_comfyui\nfake_comfyui.main()\n")
     return folder
+
+
+def _started_processes(comfy):
+    """The ids of the stand-in ComfyUI and of its child (once both have written them)."""
+    assert _wait_for(lambda: (comfy / "pid").exists() and (comfy / "child_pid").exists(), 60)
+    return [int((comfy / name).read_text()) for name in ("pid", "child_pid")]
+
+
+def _kill_left_over(pids):
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid):
@@ -294,22 +313,64 @@ def test_sigterm_and_sighup_stop_the_comfyui_the_runner_started_and_its_run(tmp_
     process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
                                 "--output", str(tmp_path / "out")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid = None
+    pids = []
     try:
         assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
-        pid = int((comfy / "pid").read_text())
+        pids = _started_processes(comfy)
         process.send_signal(getattr(signal, signum))
         _, err = process.communicate(timeout=60)
         assert process.returncode == 128 + getattr(signal, signum) and f"interrupted ({signum})" in err
-        assert _wait_for(lambda: not _alive(pid), 10), "the ComfyUI the runner started is still running"
-        posts = fake_comfyui.requests(comfy)
-        assert {"path": "/queue", "body": {"delete": [fake_comfyui.PROMPT_ID]}} in posts
-        assert {"path": "/interrupt", "body": {"prompt_id": fake_comfyui.PROMPT_ID}} in posts
+        assert _wait_for(lambda: not any(map(_alive, pids)), 10), \
+            f"the ComfyUI the runner started or its child is still running: {[p for p in pids if _alive(p)]}"
     finally:
         if process.poll() is None:
             process.kill()
-        if pid is not None and _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_left_over(pids)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("ending", ["timeout", "ctrl-c", "startup-sigterm"])
+def test_every_way_the_runner_ends_stops_its_comfyui_and_its_children(tmp_path, ending):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    timeout = ["--timeout", "2"] if ending == "timeout" else []
+    process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable, *timeout,
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        if ending == "startup-sigterm":  # before the server answers: the runner is still waiting for it
+            pids = _started_processes(comfy)
+            process.send_signal(signal.SIGTERM)
+        else:
+            assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
+            pids = _started_processes(comfy)
+            if ending == "ctrl-c":  # SIGINT to the runner alone, as a terminal's Ctrl-C reaches it
+                process.send_signal(signal.SIGINT)
+        process.communicate(timeout=90)
+        assert process.returncode == {"timeout": 1, "ctrl-c": 128 + signal.SIGINT,
+                                      "startup-sigterm": 128 + signal.SIGTERM}[ending]
+        assert _wait_for(lambda: not any(map(_alive, pids)), 10), [p for p in pids if _alive(p)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _kill_left_over(pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_runner_takes_the_comfyui_it_started_with_it(tmp_path):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
+        pids = _started_processes(comfy)
+        process.kill()  # SIGKILL: no clean-up of its own can run
+        process.wait(30)
+        assert _wait_for(lambda: not _alive(pids[0]), 10), "the ComfyUI outlived the killed runner"
+    finally:
+        _kill_left_over(pids)
 
 
 @pytest.mark.parametrize("comfy_args, own", [(["--port=9000"], "--port"), (["--port", "9000"], "--port"),
@@ -332,8 +393,7 @@ def test_a_conflicting_comfy_arg_fails_at_once_not_after_the_start_up_timeout(tm
                                  "--comfy-arg=--port=9", "--output", str(tmp_path / "out")],
                                 capture_output=True, text=True, timeout=30)  # the start-up timeout is 300 s
     finally:
-        if (comfy / "pid").exists() and _alive(int((comfy / "pid").read_text())):
-            os.kill(int((comfy / "pid").read_text()), signal.SIGKILL)
+        _kill_left_over([int((comfy / name).read_text()) for name in ("pid", "child_pid") if (comfy / name).exists()])
     assert time.monotonic() - started < 30
     assert result.returncode == 2 and "--comfy-arg=--port=9: the runner sets --port" in result.stderr
     assert not (comfy / "pid").exists()  # ComfyUI was not started
