@@ -286,6 +286,33 @@ def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
 
 # ----------------------------------------------------------------------------- scoring
 
+def check_device(name):
+    """The torch device ``--device`` names, or a DreamTunerInputError naming it and the fix."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DreamTunerInputError(f"--device {name}: not a PyTorch device name; use cpu, cuda, cuda:N or mps.") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamTunerInputError(
+                f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False: no NVIDIA "
+                "GPU or driver, or a CPU-only PyTorch build); use --device cpu, or install a CUDA build of PyTorch.")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DreamTunerInputError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                                       f"cuda:{count - 1}; choose one of them.")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DreamTunerInputError(f"--device {name}: this PyTorch has no Apple MPS device; use --device cpu.")
+    elif device.type not in ("cpu",):
+        raise DreamTunerInputError(f"--device {name}: the scoring runs on cpu, cuda, cuda:N or mps.")
+    return device
+
+
 def load_models(args) -> fidelity.ScoringModels:
     clip = fidelity.load_open_clip(str(args.clip), args.clip_arch, args.device) if args.clip else None
     dino = fidelity.load_dino(str(args.dino), args.device) if args.dino else None
@@ -388,6 +415,7 @@ def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
 
 def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
     """Plan, check the inputs, generate what is missing, score, then write the CSV, table and plot."""
+    check_device(args.device)
     settings = parse_sweep(args.sweep)
     jobs = dreambench_jobs(args, settings) if args.dreambench is not None else folder_jobs(args)
     for reals in {tuple(job.real) for job in jobs}:

@@ -232,6 +232,25 @@ def test_bad_inputs_are_named_and_write_nothing(dataset, tmp_path, models, capsy
         assert not (tmp_path / "out").exists(), name
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cuda", r"--device cuda: this PyTorch sees no CUDA GPU .*use --device cpu"),
+    ("cuda:3", r"--device cuda:3: this PyTorch sees no CUDA GPU .*use --device cpu"),
+    ("gpu", r"--device gpu: not a PyTorch device name; use cpu, cuda, cuda:N or mps"),
+    ("mps", r"--device mps: this PyTorch has no Apple MPS device; use --device cpu"),
+])
+def test_a_device_this_machine_lacks_is_named_with_the_fix(dataset, tmp_path, models, capsys, monkeypatch, device,
+                                                          message):
+    import re
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert evaluate.main(bench_args(dataset, out, models, "--device", device), generate=FakeGenerator()) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_sweep_settings_are_the_product_of_the_values():
     settings = evaluate.parse_sweep(["omega_ref=0,1.5", "12.beta=0.2,0.5", "sampler_name=euler"])
     assert [s.label for s in settings] == [
