@@ -2,7 +2,7 @@
 
     python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ViT-B-32.safetensors --dino dino-vits16/
     python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ... \\
-        --workflow workflows/dreamtuner_3_sdxl_training_free.json --comfyui /path/to/ComfyUI \\
+        --workflow example_workflows/dreamtuner_3_sdxl_training_free.json --comfyui /path/to/ComfyUI \\
         --sweep omega_ref=0,1.5,3,4.5 beta=0,0.2,0.5
     python scripts/evaluate.py --generated MY_IMAGES --real MY_SUBJECT --prompts prompts.txt --clip ...
 

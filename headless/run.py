@@ -10,7 +10,7 @@ with that installation's node definitions, uploads the images the workflow
 loads, queues it, shows progress, and writes the images into ``--output``
 (with the workflow embedded, so they can be dropped back onto the canvas).
 Without arguments other than ``--comfyui`` it runs workflow 1 on the sample
-subject shipped in ``workflows/inputs/``.
+subject shipped in ``example_workflows/inputs/``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from . import server as comfy_server
 from . import workflow as wf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "workflows" / "dreamtuner_1_single_image_new_scenes.json"
-SAMPLE_INPUTS = ROOT / "workflows" / "inputs"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "dreamtuner_1_single_image_new_scenes.json"
+SAMPLE_INPUTS = ROOT / "example_workflows" / "inputs"
 SUBJECT_TITLES = ("subject", "first frame")
 
 

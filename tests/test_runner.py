@@ -40,7 +40,7 @@ def test_the_runner_needs_either_an_installation_or_a_server(capsys):
     with pytest.raises(SystemExit):
         runner.parse_args([])
     assert "give either --comfyui PATH" in capsys.readouterr().err
-    assert runner.parse_args(["--comfyui", "/x"]).workflow == ROOT / "workflows" / WORKFLOWS[0].name
+    assert runner.parse_args(["--comfyui", "/x"]).workflow == ROOT / "example_workflows" / WORKFLOWS[0].name
 
 
 def test_seed_steps_size_and_prompts_go_to_the_widgets_a_user_would_set(tmp_path):
@@ -117,7 +117,7 @@ def test_local_and_sample_images_are_uploaded_and_images_the_server_has_are_not(
     defs["LoadImage"]["input"]["required"]["image"][0] = ["dreamtuner_subject_turned.png"]
     server = _FakeServer()
     runner.upload_images(workflow, defs, server)
-    assert server.uploaded == [ROOT / "workflows" / "inputs" / "dreamtuner_subject.png"]
+    assert server.uploaded == [ROOT / "example_workflows" / "inputs" / "dreamtuner_subject.png"]
     assert _values(workflow, "First frame")["image"] == "uploaded/dreamtuner_subject.png"
     assert _values(workflow, "Previous frame")["image"] == "dreamtuner_subject_turned.png"
 
@@ -242,7 +242,7 @@ def _runner_output(capsys, *argv):
 
 def test_a_timeout_cancels_the_run_on_the_server_and_an_upload_passes_the_check(tmp_path, capsys):
     subject = tmp_path / "dog.png"
-    subject.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_subject.png").read_bytes())
+    subject.write_bytes((ROOT / "example_workflows" / "inputs" / "dreamtuner_subject.png").read_bytes())
     with fake_comfyui.running(tmp_path, DEFS) as url:
         started = time.monotonic()
         code, err = _runner_output(capsys, "--server", url, "--image", str(subject), "--timeout", "1",

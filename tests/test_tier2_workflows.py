@@ -124,8 +124,8 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
     ImageDraw.Draw(picture).ellipse((15, 5, 45, 35), fill=255)
     picture.save(mask)
     users_own = comfyui.base / "input" / "my_subject_masked.png"  # the name the masked upload once had
-    users_own.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes())
-    result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "workflows" / f"{NAMES[1]}.json"),
+    users_own.write_bytes((ROOT / "example_workflows" / "inputs" / "dreamtuner_depth.png").read_bytes())
+    result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "example_workflows" / f"{NAMES[1]}.json"),
                      "--image", str(subject), "--mask", str(mask), "--prompt", "a blue toy on the moon",
                      "--seed", "5", "--steps", "2", "--size", "64x80", "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,7 +137,7 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
     assert by_title["Positive prompt"]["text"] == "a blue toy on the moon"
     name = by_title["Subject (PNG with a transparent background)"]["image"]
     assert re.fullmatch(r"dreamtuner_runner/my_subject_masked-[0-9a-f]{12}\.png", name)
-    assert users_own.read_bytes() == (ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes()
+    assert users_own.read_bytes() == (ROOT / "example_workflows" / "inputs" / "dreamtuner_depth.png").read_bytes()
     stored = (comfyui.base / "input" / name).read_bytes()
     assert name.endswith(f"-{hashlib.sha256(stored).hexdigest()[:12]}.png")
     uploaded = Image.open(comfyui.base / "input" / name)
