@@ -281,7 +281,7 @@ def upload_images(workflow, object_info, server, named=()):
             local = _sample(value)
         elif _outside_input_folder(value):
             raise wf.WorkflowError(
-                f"{wf.node_label(node.get('id'), 'LoadImage', node.get('title'))}: '{value}' is a file outside "
+                f"{wf.node_label(node.get('id'), 'LoadImage', node.get('title'))}: '{value}' points outside "
                 "ComfyUI's input folder; the runner uploads only images you name, so give it with --image PATH "
                 f"or --set {node.get('id')}.image=PATH")
         else:

@@ -196,6 +196,57 @@ def test_ctrl_c_stops_the_run_on_the_server_too(comfyui, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _children(pid):
+    """The ids of the processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_mid_run_stops_the_comfyui_the_runner_started_and_all_its_processes(comfyui, tmp_path):
+    tier2.free_memory(comfyui)  # this starts a second ComfyUI
+    process = subprocess.Popen([*RUNNER, "--comfyui", tier2.COMFYUI_PATH, "--python", tier2.python(), "--cpu",
+                                *[f"--comfy-arg={a}" for a in tier2.server_args(comfyui.base)[1:]],
+                                "--workflow", str(WORKFLOWS[3]), "--steps", "500", "--size", "64x64",
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = None
+    try:
+        for line in process.stdout:
+            if "SamplerCustomAdvanced" in line:  # sampling has started
+                break
+        (started,) = _children(process.pid)
+        group = os.getpgid(started)
+        assert group != os.getpgid(process.pid)  # a group of its own, ended as a whole
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+        assert process.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err
+        deadline = time.time() + 10
+        while _group_alive(group) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(group), "a process of the ComfyUI the runner started is still running"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if group is not None and _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+
+
 def _queue(comfyui):
     return {kind: [item[1] for item in items] for kind, items in comfyui.get("/queue").items()}
 
