@@ -335,7 +335,9 @@ def test_every_way_the_runner_ends_stops_its_comfyui_and_its_children(tmp_path, 
     timeout = ["--timeout", "2"] if ending == "timeout" else []
     process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable, *timeout,
                                 "--output", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # SIGINT as a terminal gives it, also when this test run inherited it ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids = []
     try:
         if ending == "startup-sigterm":  # before the server answers: the runner is still waiting for it
