@@ -11,8 +11,10 @@ real images) and the protocol's subjects, classes and 25 prompts per subject
 (object or live-subject list), shipped in dreamtuner_core/data/dreambench.json.
 Generated images live in OUT/SETTING/SUBJECT/PP_SEED.png (PP the prompt's
 index); with --workflow the missing ones are generated first through the
-pack's headless runner (resumable: images already there are kept), for every
-setting of --sweep (the product of the values), subject, prompt and seed.
+pack's headless runner (resumable: images already there are kept when the
+PP_SEED.json beside each says they were made the same way, else the run stops
+naming what differs), for every setting of --sweep (the product of the
+values), subject, prompt and seed.
 The subject's first real image (sorted by name) is the single reference.
 
 Writes into --output (default OUT): fidelity.csv (one row per image),
