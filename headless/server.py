@@ -89,7 +89,9 @@ def _own_group_options():
             return options
         parent = os.getpid()
 
-        def die_with_the_runner():  # in the child, before main.py starts: only async-signal-safe calls
+        # The signal follows the thread that starts ComfyUI (the runner's main thread); preexec_fn is safe here
+        # because the runner starts it before it has other threads.
+        def die_with_the_runner():  # in the child, between fork and exec: two system calls, nothing else
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:  # the runner died before the line above
                 os._exit(1)
