@@ -2,7 +2,7 @@
 
     python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ViT-B-32.safetensors --dino dino-vits16/
     python scripts/evaluate.py --dreambench DATASET --generated OUT --clip ... \\
-        --workflow workflows/dreamtuner_3_sdxl_training_free.json --comfyui /path/to/ComfyUI \\
+        --workflow example_workflows/dreamtuner_3_sdxl_training_free.json --comfyui /path/to/ComfyUI \\
         --sweep omega_ref=0,1.5,3,4.5 beta=0,0.2,0.5
     python scripts/evaluate.py --generated MY_IMAGES --real MY_SUBJECT --prompts prompts.txt --clip ...
 
@@ -11,8 +11,10 @@ real images) and the protocol's subjects, classes and 25 prompts per subject
 (object or live-subject list), shipped in dreamtuner_core/scoring/data/dreambench.json.
 Generated images live in OUT/SETTING/SUBJECT/PP_SEED.png (PP the prompt's
 index); with --workflow the missing ones are generated first through the
-pack's headless runner (resumable: images already there are kept), for every
-setting of --sweep (the product of the values), subject, prompt and seed.
+pack's headless runner (resumable: images already there are kept when the
+PP_SEED.json beside each says they were made the same way, else the run stops
+naming what differs), for every setting of --sweep (the product of the
+values), subject, prompt and seed.
 The subject's first real image (sorted by name) is the single reference.
 
 Writes into --output (default OUT): fidelity.csv (one row per image),
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -233,8 +236,8 @@ class RunnerGenerator:
             options = argparse.Namespace(image=reference, mask=None, prompt=job.prompt, negative=self.args.negative,
                                          seed=job.seed, steps=self.args.steps, size=self.args.size,
                                          set=list(self.args.set) + overrides)
-            runner.apply_overrides(workflow, object_info, options, scratch)
-            runner.upload_images(workflow, object_info, server)
+            named = runner.apply_overrides(workflow, object_info, options, scratch)
+            runner.upload_images(workflow, object_info, server, named)
         images = runner.submit(server, runner.api_prompt(workflow, object_info), workflow, lambda kind, data: None,
                                self.args.timeout)
         if len(images) != 1:
@@ -260,8 +263,68 @@ def _progress(total, description):
     return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
 
 
-def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
-    """Generate every job whose image is not there yet (resumable); returns how many were made."""
+RECIPE_FIELDS = ("workflow", "set", "setting", "steps", "size", "negative", "prompt", "seed", "reference")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def workflow_digest(path) -> Optional[str]:
+    """A hash of the workflow's content (its JSON, whatever the spacing), or None without a workflow."""
+    if path is None:
+        return None
+    return _digest(json.dumps(wf.load(path), sort_keys=True).encode())
+
+
+def recipe(job: Job, args, workflow=None) -> dict:
+    """What makes a job's image, as kept next to it (``PP_SEED.json``): the workflow's content, every value the
+    evaluation sets in it, and the reference image's content."""
+    return {"workflow": workflow, "workflow_file": str(args.workflow) if args.workflow else None,
+            "set": list(args.set), "setting": {k: v for k, v in job.setting.values}, "steps": args.steps,
+            "size": args.size, "negative": args.negative, "prompt": job.prompt, "seed": job.seed,
+            "reference": _digest(job.reference.read_bytes()), "reference_file": str(job.reference)}
+
+
+def recipe_path(job: Job) -> pathlib.Path:
+    return job.target.with_suffix(".json")  # PP_SEED.json beside PP_SEED.png
+
+
+def check_reused(jobs, recipes, folder):
+    """Refuse images already there that another recipe made (or that have no record of what made them)."""
+    differing, unknown = {}, []
+    for job in jobs:
+        if not job.target.is_file():
+            continue
+        try:
+            kept = json.loads(recipe_path(job).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            unknown.append(job.target)
+            continue
+        for name in RECIPE_FIELDS:
+            if kept.get(name) != recipes[id(job)][name]:
+                differing.setdefault(name, []).append(job.target)
+    there = sum(job.target.is_file() for job in jobs)
+    if unknown:
+        raise DreamTunerInputError(
+            f"{len(unknown)} of the {there} images in {folder} have no record of what made it (e.g. {unknown[0]}, "
+            f"no {unknown[0].with_suffix('.json').name} beside it): they may come from another "
+            "workflow or settings. Generate into another --generated folder, or delete them to make them again "
+            "(or score them as they are, without --workflow).")
+    if differing:
+        lines = [f"{len(paths)} of the {there} images in {folder} were made with another {name} (e.g. {paths[0]})"
+                 for name, paths in differing.items()]
+        raise DreamTunerInputError(
+            "; ".join(lines) + ". Keep those images apart: give another --generated folder for this run, or run "
+            "the command that made them; delete them to make them again with this one.")
+
+
+def generate_missing(jobs, generate: Callable[[Job], None], recipes=None) -> int:
+    """Generate every job whose image is not there yet (resumable); returns how many were made.
+
+    With ``recipes`` ({id(job): recipe}; ``check_reused`` has compared those of the images already there), each
+    new image gets its recipe beside it, written before it.
+    """
     todo = [job for job in jobs if not job.target.is_file()]
     if not todo:
         return 0
@@ -270,6 +333,8 @@ def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
         bar.update(len(jobs) - len(todo))
     for job in todo:
         job.target.parent.mkdir(parents=True, exist_ok=True)
+        if recipes is not None:  # first: an image is never there without the record of what made it
+            dreambench.write_atomic(recipe_path(job), json.dumps(recipes[id(job)], indent=1) + "\n")
         generate(job)
         if not job.target.is_file():
             raise DreamTunerInputError(f"the generator wrote no image at {job.target}.")
@@ -282,6 +347,33 @@ def generate_missing(jobs, generate: Callable[[Job], None]) -> int:
 
 
 # ----------------------------------------------------------------------------- scoring
+
+def check_device(name):
+    """The torch device ``--device`` names, or a DreamTunerInputError naming it and the fix."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DreamTunerInputError(f"--device {name}: not a PyTorch device name; use cpu, cuda, cuda:N or mps.") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamTunerInputError(
+                f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False: no NVIDIA "
+                "GPU or driver, or a CPU-only PyTorch build); use --device cpu, or install a CUDA build of PyTorch.")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DreamTunerInputError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                                       f"cuda:{count - 1}; choose one of them.")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DreamTunerInputError(f"--device {name}: this PyTorch has no Apple MPS device; use --device cpu.")
+    elif device.type not in ("cpu",):
+        raise DreamTunerInputError(f"--device {name}: the scoring runs on cpu, cuda, cuda:N or mps.")
+    return device
+
 
 def load_models(args) -> scoring.ScoringModels:
     clip = scoring.load_open_clip(str(args.clip), args.clip_arch, args.device) if args.clip else None
@@ -385,6 +477,7 @@ def plot(rows, path, settings=(Setting(),)) -> Optional[pathlib.Path]:
 
 def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
     """Plan, check the inputs, generate what is missing, score, then write the CSV, table and plot."""
+    check_device(args.device)
     settings = parse_sweep(args.sweep)
     jobs = dreambench_jobs(args, settings) if args.dreambench is not None else folder_jobs(args)
     for reals in {tuple(job.real) for job in jobs}:
@@ -392,12 +485,16 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
         # every subject's decoded pictures through a long generation would hold about a GB for nothing.
         dreambench.read_images(reals)
     models = load_models(args)
+    if generate is not None or args.workflow is not None:
+        digest = workflow_digest(args.workflow)
+        recipes = {id(job): recipe(job, args, digest) for job in jobs}
+        check_reused(jobs, recipes, args.generated)  # before anything is made (or a ComfyUI started)
     if generate is not None:
-        made = generate_missing(jobs, generate)
+        made = generate_missing(jobs, generate, recipes)
         print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
     elif args.workflow is not None:
         with runner_generator(args, settings) as runner:
-            made = generate_missing(jobs, runner)
+            made = generate_missing(jobs, runner, recipes)
         print(f"generated {made} images, {len(jobs) - made} were already there", file=sys.stderr)
     check_complete(jobs)
     rows = score_jobs(jobs, models)

@@ -10,7 +10,7 @@ with that installation's node definitions, uploads the images the workflow
 loads, queues it, shows progress, and writes the images into ``--output``
 (with the workflow embedded, so they can be dropped back onto the canvas).
 Without arguments other than ``--comfyui`` it runs workflow 1 on the sample
-subject shipped in ``workflows/inputs/``.
+subject shipped in ``example_workflows/inputs/``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from . import server as comfy_server
 from . import workflow as wf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "workflows" / "dreamtuner_1_single_image_new_scenes.json"
-SAMPLE_INPUTS = ROOT / "workflows" / "inputs"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "dreamtuner_1_single_image_new_scenes.json"
+SAMPLE_INPUTS = ROOT / "example_workflows" / "inputs"
 SUBJECT_TITLES = ("subject", "first frame")
 
 
@@ -153,22 +153,35 @@ def _with_mask(image, mask, folder):
 
 
 def apply_overrides(workflow, object_info, args, scratch):
-    """The command line's choices, written into the UI workflow's widgets as the user would set them."""
+    """The command line's choices, written into the UI workflow's widgets as the user would set them.
+
+    Returns the local image files the user named (``--image``, ``--mask``'s merged image, ``--set`` of a LoadImage
+    image): with the pack's samples, the only files ``upload_images`` may send.
+    """
     def definition(node):
         return object_info[node["type"]]
 
+    named = []
     subject = _titled(_active(workflow, "LoadImage"), SUBJECT_TITLES)
     if (args.image or args.mask) and not subject:
         raise wf.WorkflowError("--image/--mask: the workflow has no LoadImage node")
     if args.image or args.mask:
-        image = args.image or _local_image(wf.widget_values(subject[0], definition(subject[0]))["image"])
-        if image is None or not pathlib.Path(image).is_file():
+        if args.image:
+            image = args.image
+        else:  # the mask for the workflow's own subject: one of the pack's samples, never a path it names
+            value = wf.widget_values(subject[0], definition(subject[0]))["image"]
+            image = _sample(value)
+            if image is None:
+                raise wf.WorkflowError(f"--mask: the workflow's subject '{value}' is not one of the pack's sample "
+                                       "images; give the subject with --image")
+        if not pathlib.Path(image).is_file():
             raise wf.WorkflowError(f"--image: {image} is not a file")
         if args.mask:
             if not args.mask.is_file():
                 raise wf.WorkflowError(f"--mask: {args.mask} is not a file")
             image = _with_mask(pathlib.Path(image), args.mask, scratch)
         wf.set_widget(subject[0], definition(subject[0]), "image", str(image))
+        named.append(pathlib.Path(image))
     for option, kind, prefixes, value in (("--prompt", "CLIPTextEncode", ("positive",), args.prompt),
                                           ("--negative", "CLIPTextEncode", ("negative",), args.negative)):
         if value is not None:
@@ -198,31 +211,85 @@ def apply_overrides(workflow, object_info, args, scratch):
         node_id, dot, name = target.partition(".")
         if not (equals and dot) or node_id not in nodes or nodes[node_id]["type"] not in object_info:
             raise wf.WorkflowError(f"--set {item}: write NODE_ID.INPUT=VALUE with the id of a node of this workflow")
-        wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, parse_value(value))
+        value = parse_value(value)
+        wf.set_widget(nodes[node_id], definition(nodes[node_id]), name, value)
+        if nodes[node_id]["type"] == "LoadImage" and name == "image" and isinstance(value, str) and \
+                pathlib.Path(value).is_file():
+            named.append(pathlib.Path(value))  # "--set ID.image=PATH": a local file the user chose
+    return named
 
 
-def _local_image(value):
-    """A LoadImage value that names a file on this machine (a path, or a sample shipped in workflows/inputs)."""
-    for path in (pathlib.Path(value), SAMPLE_INPUTS / value):
-        if path.is_file():
-            return path
-    return None
+def _sample(value):
+    """The sample image shipped with the pack that a LoadImage value names (a bare file name), or None."""
+    if not isinstance(value, str) or value != pathlib.PurePath(value).name or value in ("", ".", ".."):
+        return None
+    path = SAMPLE_INPUTS / value
+    return path if path.is_file() else None
 
 
-def upload_images(workflow, object_info, server):
-    """Send every local image a LoadImage node names to the server, as the web UI's upload button does.
+def _outside_input_folder(value):
+    """Whether a LoadImage value points outside ComfyUI's input folder: an absolute path, ``~`` or ``..``."""
+    text = str(value)
+    parts = text.replace("\\", "/").split("/")
+    return (pathlib.PurePosixPath(text).is_absolute() or pathlib.PureWindowsPath(text).is_absolute() or
+            bool(pathlib.PureWindowsPath(text).drive) or text.startswith("~") or ".." in parts)
 
-    The uploaded names join LoadImage's choices in ``object_info``: they lie in a subfolder of ComfyUI's input
-    folder, which the server's list leaves out (LoadImage accepts them all the same).
+
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _check_image(path):
+    """Raise unless ``path`` decodes as an image (with Pillow where there is one, else by its signature)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    try:
+        if Image is not None:
+            with Image.open(path) as picture:
+                picture.verify()
+            return
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+        if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            return
+    except Exception:  # Pillow raises many kinds for a file that is not an image
+        pass
+    raise wf.WorkflowError(f"{path} is not an image (PNG, JPEG, WebP, ...): the runner uploads only image files")
+
+
+def upload_images(workflow, object_info, server, named=()):
+    """Send the images to the server that the web UI's upload button would: the files the user ``named`` (what
+    ``apply_overrides`` returns) and the pack's sample images the workflow names, and only files that decode
+    as images.
+
+    Nothing else on this machine is read: a LoadImage value that is an absolute path, starts with ``~`` or
+    climbs out with ``..`` is refused (a shared workflow must not choose what the runner sends), and any other
+    name is left for the server, which finds it in its own input folder or refuses it. The uploaded names join
+    LoadImage's choices in ``object_info``: they lie in a subfolder of ComfyUI's input folder, which the server's
+    list leaves out (LoadImage accepts them all the same).
     """
     choices = object_info["LoadImage"]["input"]["required"]["image"][0]
+    named = {str(path): pathlib.Path(path) for path in named}
     for node in _active(workflow, "LoadImage"):
         value = wf.widget_values(node, object_info["LoadImage"])["image"]
-        local = _local_image(value)
-        if local is not None and value not in choices:
-            uploaded = server.upload_image(local)
-            choices.append(uploaded)
-            wf.set_widget(node, object_info["LoadImage"], "image", uploaded)
+        if value in named:
+            local = named[value]
+        elif value in choices:
+            continue
+        elif _sample(value) is not None:
+            local = _sample(value)
+        elif _outside_input_folder(value):
+            raise wf.WorkflowError(
+                f"{wf.node_label(node.get('id'), 'LoadImage', node.get('title'))}: '{value}' points outside "
+                "ComfyUI's input folder; the runner uploads only images you name, so give it with --image PATH "
+                f"or --set {node.get('id')}.image=PATH")
+        else:
+            continue  # a name in the server's input folder (its list leaves out subfolders): the server checks it
+        _check_image(local)
+        uploaded = server.upload_image(local)
+        choices.append(uploaded)
+        wf.set_widget(node, object_info["LoadImage"], "image", uploaded)
 
 
 class Progress:
@@ -268,8 +335,8 @@ def run(server, workflow, args):
         problems = wf.check(workflow, object_info, check_values=False)
         if problems:
             raise wf.WorkflowError(problems)
-        apply_overrides(workflow, object_info, args, scratch)
-        upload_images(workflow, object_info, server)
+        named = apply_overrides(workflow, object_info, args, scratch)
+        upload_images(workflow, object_info, server, named)
     prompt = api_prompt(workflow, object_info)
     images = submit(server, prompt, workflow, Progress(prompt), args.timeout)
     if not images:

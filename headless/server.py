@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -63,7 +66,8 @@ def started(comfyui, python, extra_args=(), startup_timeout=300):
         command = [python, "main.py", "--listen", "127.0.0.1", "--port", str(port),
                    "--output-directory", str(pathlib.Path(scratch) / "output"), *extra_args]
         with open(log_path, "w") as log:
-            process = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+                                       **_own_group_options())
             try:
                 server = Server(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
                 server.wait_ready(startup_timeout)
@@ -72,15 +76,70 @@ def started(comfyui, python, extra_args=(), startup_timeout=300):
                 _stop(process)
 
 
-def _stop(process):
-    """End a started ComfyUI: ask it to exit, and kill it if it has not within 30 s (or a second Ctrl-C came)."""
-    process.terminate()
+def _own_group_options():
+    """Popen options that give a started ComfyUI a process group of its own (it and every process it starts,
+    which ``_stop`` ends together) and, on Linux, end it should the runner itself be killed (SIGKILL)."""
+    if os.name != "posix":
+        return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    options = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return options
+        parent = os.getpid()
+
+        # The signal follows the thread that starts ComfyUI (the runner's main thread); preexec_fn is safe here
+        # because the runner starts it before it has other threads.
+        def die_with_the_runner():  # in the child, between fork and exec: two system calls, nothing else
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the runner died before the line above
+                os._exit(1)
+
+        options["preexec_fn"] = die_with_the_runner
+    return options
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _signal_group(process, signum):
+    """Send ``signum`` to the started ComfyUI's process group (POSIX), or end its process tree (Windows)."""
+    if os.name != "posix":
+        if signum == signal.SIGTERM:
+            process.terminate()
+        else:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+            process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _group_alive(process):
+    if os.name != "posix":
+        return False
+    try:
+        os.killpg(process.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _stop(process, grace=30, children_grace=5):
+    """End a started ComfyUI and every process it started: SIGTERM to its process group, SIGKILL to what is left
+    after ``grace`` s (or at once on a second Ctrl-C). The group is ended even when ComfyUI itself has already
+    exited, so no helper process outlives the runner."""
+    _signal_group(process, signal.SIGTERM)
     try:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
+            process.wait(timeout=grace)
+        deadline = time.monotonic() + children_grace
+        while _group_alive(process) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None or _group_alive(process):
+            _signal_group(process, signal.SIGKILL)
             process.wait(timeout=30)
 
 
@@ -205,20 +264,30 @@ class Server:
                 events.close()
 
     def download(self, image, folder):
-        """Write one output image of the history into ``folder`` (never over an existing file); returns its path."""
+        """Write one output image of the history into ``folder`` (never over an existing file); returns its path.
+
+        The file keeps only the base name the server gives it: a name with a folder or ``..`` stays in ``folder``.
+        """
         query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
         with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=60) as response:
             data = response.read()
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stem, suffix = os.path.splitext(image["filename"])
-        target, n = folder / image["filename"], 1
+        name = base_name(image["filename"])
+        stem, suffix = os.path.splitext(name)
+        target, n = folder / name, 1
         while target.exists():
             target, n = folder / f"{stem}_{n}{suffix}", n + 1
         partial = target.with_name(target.name + ".partial")
         partial.write_bytes(data)
         os.replace(partial, target)
         return target
+
+
+def base_name(filename):
+    """The last part of a server-given file name (either slash), never empty, ``.`` or ``..``."""
+    name = str(filename).replace("\\", "/").rsplit("/", 1)[-1]
+    return "image.png" if name in ("", ".", "..") else name
 
 
 def _title(prompt, node_id, class_type=None):

@@ -12,9 +12,11 @@ frontend's own ``graphToPrompt`` in ``tests/test_tier2_comfyui.py``):
 
 * every widget input has one entry in ``widgets_values``, in input order,
   also when a link feeds it (the link wins);
-* an INT with ``control_after_generate`` is followed by that control's value
-  ("fixed", "randomize", ...), and an image-upload combo by the upload
-  button's value; neither goes to the engine;
+* an INT with ``control_after_generate`` (or, when its spec does not say,
+  named seed or noise_seed), and a FLOAT or COMBO with it, is followed by
+  that control's value ("fixed", "randomize", ...; a COMBO's also by a filter
+  text), and an image-upload combo by the upload button's value; none goes
+  to the engine;
 * Note, MarkdownNote, Reroute and PrimitiveNode live only in the UI: notes are
   dropped, links through a Reroute are followed to their origin, and an input
   fed by a PrimitiveNode takes the value the UI keeps in the target's widget;
@@ -115,11 +117,30 @@ def widgets(definition) -> list[Widget]:
             continue
         kind, options = _kind(spec), _options(spec)
         out.append(Widget(name, name, kind, options, _choices(spec) if kind == "COMBO" else None))
-        if kind == "INT" and options.get("control_after_generate"):
-            out.append(Widget("control_after_generate", None))
+        if has_control(name, kind, options):
+            out.append(Widget("control_after_generate", None, "COMBO", {},
+                              CONTROL_VALUES + (("increment-wrap",) if kind == "COMBO" else ())))
+            if kind == "COMBO":
+                out.append(Widget("control_filter_list", None, "STRING", {}))
         if kind == "COMBO" and any(options.get(flag) for flag in UPLOAD_OPTIONS):
             out.append(Widget("upload", None))
     return out
+
+
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def has_control(name, kind, options) -> bool:
+    """Whether the frontend draws a 'control after generate' widget after this input (and saves its value).
+
+    As ComfyUI's frontend (1.39) does: an INT when its spec says ``control_after_generate`` or, when the spec
+    does not say, when it is named seed or noise_seed; a FLOAT or COMBO only when its spec asks for one.
+    """
+    control = options.get("control_after_generate")
+    if kind == "INT":
+        return bool(name in SEED_NAMES if control is None else control)
+    return kind in ("FLOAT", "COMBO") and bool(control)
 
 
 def node_label(node_id, kind, title=None) -> str:
@@ -220,6 +241,14 @@ def check(workflow: dict, object_info: dict, check_values=True) -> list[str]:
                 reason = check_value(slot, values[slot.input])
                 if reason:
                     problems.append(f"{_describe(node, object_info)}: {slot.input} {reason}")
+        if check_values and isinstance(node.get("widgets_values"), list):
+            for slot, value in zip(widgets(definition), node["widgets_values"]):
+                # the frontend's own widgets: a value out of place here means the values after it moved
+                if slot.input is None and slot.choices and value not in slot.choices:
+                    problems.append(f"{_describe(node, object_info)}: {slot.name} {value!r} is not one of its "
+                                    f"choices ({', '.join(slot.choices)}): a widget value is missing or out of "
+                                    "place; open the workflow in the web UI, check the node's values, and save "
+                                    "it again")
     return problems
 
 

@@ -7,8 +7,9 @@ files are what that UI would save. Run after changing a node's inputs:
 
     python scripts/build_workflows.py --object-info http://127.0.0.1:8188   # or a saved object_info.json
 
-It writes ``workflows/*.json``, the same files in ``example_workflows/`` (the
-template browser's folder), and ``workflows/inputs/*.png``.
+It writes ``example_workflows/*.json`` (the folder ComfyUI's template browser
+reads; each workflow once, beside its ``.jpg`` thumbnail) and the sample
+images ``example_workflows/inputs/*.png``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import uuid
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from headless.workflow import is_widget, spec_inputs, widgets  # noqa: E402
+
+FOLDER = ROOT / "example_workflows"  # ComfyUI reads it (and workflows/, which is why there is none: listed twice)
+INPUTS = FOLDER / "inputs"
 
 # The file names most users have (README, "Model files").
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -114,8 +118,8 @@ class Graph:
 
     @staticmethod
     def _widget_value(slot, values, kind):
-        if slot.input is None:
-            return "fixed" if slot.name == "control_after_generate" else "image"
+        if slot.input is None:  # the frontend's own widgets: "fixed" seeds (the same image again), no filter
+            return {"control_after_generate": "fixed", "control_filter_list": "", "upload": "image"}[slot.name]
         if slot.input in values:
             return values[slot.input]
         if "default" in slot.options:
@@ -371,8 +375,9 @@ One graph, three stages, left to right:
    interleaved CFG sampler.
 
 **Change**: the subject PNG; `class_word` and the class word in both prompts (e.g. "dog"); `subject_name`
-(a new name per subject); the scene prompt. `overwrite` is on here, so a changed input retrains under
-the same name; turn it off to protect a finished subject's files.
+(a new name per subject); the scene prompt. `overwrite` is off: a changed input under the same
+`subject_name` stops with an error instead of replacing a finished subject's files; choose a new name, or
+turn `overwrite` on to train again under this one.
 
 **Time**: the paper's run (SD1.5, 512 px, 800 steps) is GPU work (the target: about 5 minutes on one
 H100-class GPU; the README's benchmark gives measured step times). On a CPU, try the graph with `steps` 20,
@@ -402,7 +407,7 @@ def workflow_6(object_info):
     # 2. fine-tuning
     tuned = g.add("DreamTunerFinetune", 4, model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), vae=(ckpt, "VAE"),
                   reference=(subject, "IMAGE"), regular_images=(regular_images, "IMAGE"), mask=(subject, "MASK"),
-                  mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, overwrite=True,
+                  mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, overwrite=False,
                   box_height=560)
     g.add("PreviewImage", 4, title="Loss curve", box_height=300, images=(tuned, "loss_curve"))
     # 3. generation with [S*], self-subject-attention and interleaved guidance
@@ -466,14 +471,13 @@ def main(argv=None):
             object_info = json.loads(response.read())
     else:
         object_info = json.loads(pathlib.Path(args.object_info).read_text())
-    for folder in ("workflows", "example_workflows"):
-        (ROOT / folder).mkdir(exist_ok=True)
-        for name, build in WORKFLOWS.items():
-            text = json.dumps(build(object_info), indent=1) + "\n"
-            (ROOT / folder / f"dreamtuner_{name}.json").write_text(text)
+    FOLDER.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        text = json.dumps(build(object_info), indent=1) + "\n"
+        (FOLDER / f"dreamtuner_{name}.json").write_text(text)
     if not args.no_images:
-        sample_images(ROOT / "workflows" / "inputs")
-    print(f"wrote {len(WORKFLOWS)} workflows to workflows/ and example_workflows/")
+        sample_images(INPUTS)
+    print(f"wrote {len(WORKFLOWS)} workflows to {FOLDER.relative_to(ROOT)}/")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 It answers the routes the runner uses the way ComfyUI v0.15.1's server.py does: ``/object_info`` (from
 ``object_info.json`` in its folder), ``/prompt`` (queued, then never finished), ``/history``, ``/queue``,
-``/interrupt`` and ``/upload/image`` (a file under ``<type>/<subfolder>/``, renamed ``name (1).png`` rather than
+``/interrupt``, ``/view`` (``VIEW_BYTES`` for any file) and ``/upload/image`` (a file under ``<type>/<subfolder>/``, renamed ``name (1).png`` rather than
 replaced unless ``overwrite`` is set, identical content kept once). It serves no ``/ws``, so the runner polls.
 Every POST is appended to ``requests.jsonl`` in its folder, for the tests to read.
 
@@ -24,6 +24,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PROMPT_ID = "fake-prompt-1"
+VIEW_BYTES = b"\x89PNG\r\n\x1a\n a saved image"  # what /view answers for any file
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,6 +52,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer({kind: defs[kind]} if kind in defs else {})
         if self.path.startswith("/history/"):
             return self._answer({})  # the prompt never finishes
+        if self.path.startswith("/view?"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(VIEW_BYTES)))
+            self.end_headers()
+            self.wfile.write(VIEW_BYTES)
+            return None
         return self._answer({}, status=404)
 
     def do_POST(self):

@@ -157,6 +157,57 @@ def test_an_interrupted_run_writes_no_result_and_continues_later(dataset, tmp_pa
     assert len(rest.calls) == 2 * 2 * 2 - 3 and len(read_rows(out / evaluate.CSV_NAME)) == 8
 
 
+def _other_workflow(tmp_path):
+    from workflow_defs import WORKFLOWS
+
+    changed = json.loads(WORKFLOWS[0].read_text())
+    changed["nodes"][-1]["widgets_values"][0] = "another/prefix"  # any edit: another graph made the images
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(changed))
+    return path
+
+
+@pytest.mark.parametrize("change, field", [
+    (("--steps", "4"), "steps"), (("--size", "64x64"), "size"), (("--negative", "ugly"), "negative"),
+    (("--set", "12.omega_ref=2"), "set"), (("--token", "zwx"), "prompt"), ("workflow", "workflow"),
+])
+def test_a_resume_never_reuses_images_made_another_way(dataset, tmp_path, models, capsys, change, field):
+    from workflow_defs import WORKFLOWS
+
+    out = tmp_path / "out"
+    first = ["--workflow", str(WORKFLOWS[0]), "--server", "http://127.0.0.1:1", "--steps", "3", "--size", "32x32"]
+    assert evaluate.main(bench_args(dataset, out, models, *first), generate=FakeGenerator()) == 0
+    images = sorted(out.rglob("*.png"))
+    made = {p: p.read_bytes() for p in images}
+    recipe = json.loads(images[0].with_suffix(".json").read_text())  # what made it, next to it
+    assert recipe["steps"] == 3 and recipe["size"] == "32x32" and recipe["prompt"].startswith("a sks ")
+    # the same command again reuses every image
+    again = FakeGenerator()
+    assert evaluate.main(bench_args(dataset, out, models, *first), generate=again) == 0 and again.calls == []
+    capsys.readouterr()
+
+    argv = bench_args(dataset, out, models, *first)
+    if change == "workflow":
+        argv[argv.index(str(WORKFLOWS[0]))] = str(_other_workflow(tmp_path))
+    elif change[0] == "--token":
+        argv[argv.index("--token") + 1] = change[1]
+    else:
+        argv += list(change)
+    other = FakeGenerator()
+    assert evaluate.main(argv, generate=other) == 2
+    err = capsys.readouterr().err
+    assert f"8 of the 8 images in {out} were made with another {field}" in err and "another --generated" in err
+    assert other.calls == [] and {p: p.read_bytes() for p in sorted(out.rglob("*.png"))} == made
+
+
+def test_a_resume_refuses_images_with_no_record_of_what_made_them(dataset, tmp_path, models, capsys):
+    out = tmp_path / "out"
+    save_png(out / "default" / "dog" / "00_0.png", seed=9)  # made elsewhere (or by an older version)
+    fake = FakeGenerator()
+    assert evaluate.main(bench_args(dataset, out, models), generate=fake) == 2
+    assert "no record of what made it" in capsys.readouterr().err and fake.calls == []
+
+
 def test_two_folders_with_a_prompt_file(tmp_path, models, capsys):
     generated, real = tmp_path / "generated", tmp_path / "real"
     for i in range(3):
@@ -230,6 +281,25 @@ def test_bad_inputs_are_named_and_write_nothing(dataset, tmp_path, models, capsy
         written = [p for p in tmp_path.rglob("*") if p.name in OUTPUTS or p.name.endswith(".partial")]
         assert not written, (name, written)
         assert not (tmp_path / "out").exists(), name
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", r"--device cuda: this PyTorch sees no CUDA GPU .*use --device cpu"),
+    ("cuda:3", r"--device cuda:3: this PyTorch sees no CUDA GPU .*use --device cpu"),
+    ("gpu", r"--device gpu: not a PyTorch device name; use cpu, cuda, cuda:N or mps"),
+    ("mps", r"--device mps: this PyTorch has no Apple MPS device; use --device cpu"),
+])
+def test_a_device_this_machine_lacks_is_named_with_the_fix(dataset, tmp_path, models, capsys, monkeypatch, device,
+                                                          message):
+    import re
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert evaluate.main(bench_args(dataset, out, models, "--device", device), generate=FakeGenerator()) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not out.exists()
 
 
 def test_sweep_settings_are_the_product_of_the_values():

@@ -40,7 +40,7 @@ def test_the_runner_needs_either_an_installation_or_a_server(capsys):
     with pytest.raises(SystemExit):
         runner.parse_args([])
     assert "give either --comfyui PATH" in capsys.readouterr().err
-    assert runner.parse_args(["--comfyui", "/x"]).workflow == ROOT / "workflows" / WORKFLOWS[0].name
+    assert runner.parse_args(["--comfyui", "/x"]).workflow == ROOT / "example_workflows" / WORKFLOWS[0].name
 
 
 def test_seed_steps_size_and_prompts_go_to_the_widgets_a_user_would_set(tmp_path):
@@ -117,7 +117,7 @@ def test_local_and_sample_images_are_uploaded_and_images_the_server_has_are_not(
     defs["LoadImage"]["input"]["required"]["image"][0] = ["dreamtuner_subject_turned.png"]
     server = _FakeServer()
     runner.upload_images(workflow, defs, server)
-    assert server.uploaded == [ROOT / "workflows" / "inputs" / "dreamtuner_subject.png"]
+    assert server.uploaded == [ROOT / "example_workflows" / "inputs" / "dreamtuner_subject.png"]
     assert _values(workflow, "First frame")["image"] == "uploaded/dreamtuner_subject.png"
     assert _values(workflow, "Previous frame")["image"] == "dreamtuner_subject_turned.png"
 
@@ -242,7 +242,7 @@ def _runner_output(capsys, *argv):
 
 def test_a_timeout_cancels_the_run_on_the_server_and_an_upload_passes_the_check(tmp_path, capsys):
     subject = tmp_path / "dog.png"
-    subject.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_subject.png").read_bytes())
+    subject.write_bytes((ROOT / "example_workflows" / "inputs" / "dreamtuner_subject.png").read_bytes())
     with fake_comfyui.running(tmp_path, DEFS) as url:
         started = time.monotonic()
         code, err = _runner_output(capsys, "--server", url, "--image", str(subject), "--timeout", "1",
@@ -258,12 +258,31 @@ def test_a_timeout_cancels_the_run_on_the_server_and_an_upload_passes_the_check(
 
 
 def _stand_in_comfyui(folder):
-    """A ComfyUI folder whose main.py is the fake server: the runner starts it as it would start ComfyUI."""
+    """A ComfyUI folder whose main.py is the fake server: the runner starts it as it would start ComfyUI.
+
+    Like a ComfyUI whose nodes start helper processes, it first starts a child (its id in ``child_pid``) that
+    would outlive it.
+    """
     folder.mkdir()
     (folder / "object_info.json").write_text(json.dumps(DEFS))
-    (folder / "main.py").write_text(f"import sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
-                                    "import fake_comfyui\nfake_comfyui.main()\n")
+    (folder / "main.py").write_text(
+        f"import subprocess, sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        "open('child_pid', 'w').write(str(child.pid))\n"
+        "import fake_comfyui\nfake_comfyui.main()\n")
     return folder
+
+
+def _started_processes(comfy):
+    """The ids of the stand-in ComfyUI and of its child (once both have written them)."""
+    assert _wait_for(lambda: (comfy / "pid").exists() and (comfy / "child_pid").exists(), 60)
+    return [int((comfy / name).read_text()) for name in ("pid", "child_pid")]
+
+
+def _kill_left_over(pids):
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid):
@@ -294,22 +313,66 @@ def test_sigterm_and_sighup_stop_the_comfyui_the_runner_started_and_its_run(tmp_
     process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
                                 "--output", str(tmp_path / "out")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid = None
+    pids = []
     try:
         assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
-        pid = int((comfy / "pid").read_text())
+        pids = _started_processes(comfy)
         process.send_signal(getattr(signal, signum))
         _, err = process.communicate(timeout=60)
         assert process.returncode == 128 + getattr(signal, signum) and f"interrupted ({signum})" in err
-        assert _wait_for(lambda: not _alive(pid), 10), "the ComfyUI the runner started is still running"
-        posts = fake_comfyui.requests(comfy)
-        assert {"path": "/queue", "body": {"delete": [fake_comfyui.PROMPT_ID]}} in posts
-        assert {"path": "/interrupt", "body": {"prompt_id": fake_comfyui.PROMPT_ID}} in posts
+        assert _wait_for(lambda: not any(map(_alive, pids)), 10), \
+            f"the ComfyUI the runner started or its child is still running: {[p for p in pids if _alive(p)]}"
     finally:
         if process.poll() is None:
             process.kill()
-        if pid is not None and _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_left_over(pids)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("ending", ["timeout", "ctrl-c", "startup-sigterm"])
+def test_every_way_the_runner_ends_stops_its_comfyui_and_its_children(tmp_path, ending):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    timeout = ["--timeout", "2"] if ending == "timeout" else []
+    process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable, *timeout,
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # SIGINT as a terminal gives it, also when this test run inherited it ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    pids = []
+    try:
+        if ending == "startup-sigterm":  # before the server answers: the runner is still waiting for it
+            pids = _started_processes(comfy)
+            process.send_signal(signal.SIGTERM)
+        else:
+            assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
+            pids = _started_processes(comfy)
+            if ending == "ctrl-c":  # SIGINT to the runner alone, as a terminal's Ctrl-C reaches it
+                process.send_signal(signal.SIGINT)
+        process.communicate(timeout=90)
+        assert process.returncode == {"timeout": 1, "ctrl-c": 128 + signal.SIGINT,
+                                      "startup-sigterm": 128 + signal.SIGTERM}[ending]
+        assert _wait_for(lambda: not any(map(_alive, pids)), 10), [p for p in pids if _alive(p)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _kill_left_over(pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_runner_takes_the_comfyui_it_started_with_it(tmp_path):
+    comfy = _stand_in_comfyui(tmp_path / "comfyui")
+    process = subprocess.Popen([*RUNNER, "--comfyui", str(comfy), "--python", sys.executable,
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        assert _wait_for(lambda: any(r["path"] == "/prompt" for r in fake_comfyui.requests(comfy)), 60)
+        pids = _started_processes(comfy)
+        process.kill()  # SIGKILL: no clean-up of its own can run
+        process.wait(30)
+        assert _wait_for(lambda: not _alive(pids[0]), 10), "the ComfyUI outlived the killed runner"
+    finally:
+        _kill_left_over(pids)
 
 
 @pytest.mark.parametrize("comfy_args, own", [(["--port=9000"], "--port"), (["--port", "9000"], "--port"),
@@ -332,8 +395,88 @@ def test_a_conflicting_comfy_arg_fails_at_once_not_after_the_start_up_timeout(tm
                                  "--comfy-arg=--port=9", "--output", str(tmp_path / "out")],
                                 capture_output=True, text=True, timeout=30)  # the start-up timeout is 300 s
     finally:
-        if (comfy / "pid").exists() and _alive(int((comfy / "pid").read_text())):
-            os.kill(int((comfy / "pid").read_text()), signal.SIGKILL)
+        _kill_left_over([int((comfy / name).read_text()) for name in ("pid", "child_pid") if (comfy / name).exists()])
     assert time.monotonic() - started < 30
     assert result.returncode == 2 and "--comfy-arg=--port=9: the runner sets --port" in result.stderr
     assert not (comfy / "pid").exists()  # ComfyUI was not started
+
+
+def _with_subject(workflow_path, value):
+    workflow = wf.load(workflow_path)
+    node = next(n for n in workflow["nodes"] if n["type"] == "LoadImage")
+    wf.set_widget(node, DEFS["LoadImage"], "image", value)
+    return workflow
+
+
+def _png(path, color=(200, 40, 30)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    return path
+
+
+def test_a_workflow_naming_a_file_outside_the_input_folder_uploads_nothing(tmp_path, monkeypatch):
+    secret = _png(tmp_path / "home" / "secret.png")  # an image even: the workflow did not get to choose it
+    (tmp_path / "home" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    monkeypatch.chdir(tmp_path / "home")
+    for value in (str(secret), str(tmp_path / "home" / "id_rsa"), "../home/secret.png", "secret.png",
+                  "~/.ssh/id_rsa", "inputs/../../secret.png"):
+        server = _FakeServer()
+        workflow = _with_subject(WORKFLOWS[0], value)
+        if os.path.isabs(value) or ".." in value or value.startswith("~"):
+            with pytest.raises(wf.WorkflowError, match="uploads only images you name"):
+                runner.upload_images(workflow, DEFS, server)
+        else:  # a plain name: left for the server to find in its input folder, not read from here
+            runner.upload_images(workflow, DEFS, server)
+            assert _values(workflow, "LoadImage")["image"] == value
+        assert server.uploaded == [], value
+
+
+def test_a_shared_workflow_cannot_make_the_runner_send_a_file_to_a_remote_server(tmp_path, capsys):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    shared = tmp_path / "shared.json"
+    shared.write_text(json.dumps(_with_subject(WORKFLOWS[0], str(secret))))
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    with fake_comfyui.running(comfy, DEFS) as url:
+        code, err = _runner_output(capsys, "--server", url, "--workflow", str(shared), "--timeout", "5",
+                                   "--output", str(tmp_path / "out"))
+    assert code == 1 and "uploads only images you name" in err and str(secret) in err
+    assert not [r for r in fake_comfyui.requests(comfy) if r["path"] in ("/upload/image", "/prompt")]
+    assert not list((comfy).rglob("id_rsa*"))
+
+
+def test_images_named_on_the_command_line_are_uploaded_and_must_decode_as_images(tmp_path):
+    mine = _png(tmp_path / "dog.png")
+    for option in (("--image", str(mine)), ("--set", f"{_subject_id(WORKFLOWS[0])}.image={mine}")):
+        workflow, server = wf.load(WORKFLOWS[0]), _FakeServer()
+        named = runner.apply_overrides(workflow, DEFS, _args(*option), tmp_path)
+        runner.upload_images(workflow, DEFS, server, named)
+        assert mine in server.uploaded and _values(workflow, "LoadImage")["image"] == "uploaded/dog.png"
+    text = tmp_path / "notes.png"
+    text.write_text("not an image, whatever its name says")
+    for option in (("--image", str(text)), ("--set", f"{_subject_id(WORKFLOWS[0])}.image={text}")):
+        workflow, server = wf.load(WORKFLOWS[0]), _FakeServer()
+        with pytest.raises(wf.WorkflowError, match="not an image"):
+            runner.upload_images(workflow, DEFS, server, runner.apply_overrides(workflow, DEFS, _args(*option),
+                                                                                tmp_path))
+        assert server.uploaded == []
+
+
+def _subject_id(path):
+    return next(n["id"] for n in wf.load(path)["nodes"] if n["type"] == "LoadImage")
+
+
+@pytest.mark.parametrize("filename", ["../../escaped.png", "sub/dir/nested.png", "/tmp/absolute.png",
+                                      "..\\win\\escaped.png", ".."])
+def test_a_download_keeps_the_base_name_inside_the_output_folder(tmp_path, filename):
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    out = tmp_path / "a" / "b" / "out"
+    with fake_comfyui.running(comfy, DEFS) as url:
+        written = comfy_server.Server(url).download({"filename": filename, "subfolder": "", "type": "output"}, out)
+    assert written.parent == out and written.read_bytes() == fake_comfyui.VIEW_BYTES
+    assert written.name == (filename.replace("\\", "/").rsplit("/", 1)[-1] if filename != ".." else "image.png")
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "comfy" not in p.parts] == [written]

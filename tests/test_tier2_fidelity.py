@@ -94,7 +94,7 @@ def test_evaluate_generates_a_sweep_through_the_runner_and_resumes(comfyui, scor
     tier2.free_memory(comfyui)  # the graph tests' CLIP models: this machine's memory is shared
     # workflow 4 (SD1.5, self-subject-attention, the guider): the runner's whole path without the ViT-H tower
     argv = [*EVALUATE, "--server", comfyui.url, "--workflow",
-            str(ROOT / "workflows" / "dreamtuner_4_guider_custom_sampling.json"),
+            str(ROOT / "example_workflows" / "dreamtuner_4_guider_custom_sampling.json"),
             "--dreambench", str(tmp_path / "dataset"), "--generated", str(out), "--subjects", "dog",
             "--prompts-per-subject", "1", "--images-per-prompt", "1", "--seed", "7", "--sweep", "omega_ref=0,2.5",
             "--steps", "2", "--size", "64x64", "--clip", str(scoring / "vit-b-32-random.safetensors"),

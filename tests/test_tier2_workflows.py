@@ -82,6 +82,16 @@ def _runner(*args, timeout=900):
     return subprocess.run([*RUNNER, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _finetune_id(path):
+    return next((n["id"] for n in wf.load(path)["nodes"] if n["type"] == "DreamTunerFinetune"), None)
+
+
+def _with_ctrl_c():
+    """In the runner's process, before Python starts: SIGINT as a terminal gives it (a test run started in the
+    background by a shell without job control inherits it ignored, and Python then installs no Ctrl-C handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_subject(comfyui, tmp_path):
     tier2.free_memory(comfyui)  # this starts a second ComfyUI
     result = _runner("--comfyui", tier2.COMFYUI_PATH, "--python", tier2.python(), "--cpu",
@@ -102,8 +112,11 @@ def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_sub
 def test_the_runner_runs_the_workflow_and_writes_an_image_of_the_requested_size(comfyui, path, tmp_path):
     if path.stem == SDXL:
         tier2.free_memory(comfyui)
+    # Workflow 6 ships with overwrite off: the /prompt test above trained its subject at another size, so this
+    # run (other inputs) retrains under that name only when the user turns it on.
+    retrain = [f"--set={_finetune_id(path)}.overwrite=true"] if _finetune_id(path) else []
     result = _runner("--server", comfyui.url, "--workflow", str(path), "--size", "64x96", "--steps", "2",
-                     "--output", str(tmp_path / "out"))
+                     *retrain, "--output", str(tmp_path / "out"))
     if path.stem == SDXL:
         tier2.free_memory(comfyui)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,8 +137,8 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
     ImageDraw.Draw(picture).ellipse((15, 5, 45, 35), fill=255)
     picture.save(mask)
     users_own = comfyui.base / "input" / "my_subject_masked.png"  # the name the masked upload once had
-    users_own.write_bytes((ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes())
-    result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "workflows" / f"{NAMES[1]}.json"),
+    users_own.write_bytes((ROOT / "example_workflows" / "inputs" / "dreamtuner_depth.png").read_bytes())
+    result = _runner("--server", comfyui.url, "--workflow", str(ROOT / "example_workflows" / f"{NAMES[1]}.json"),
                      "--image", str(subject), "--mask", str(mask), "--prompt", "a blue toy on the moon",
                      "--seed", "5", "--steps", "2", "--size", "64x80", "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,7 +150,7 @@ def test_the_runner_on_a_running_server_with_image_mask_prompt_and_seed(comfyui,
     assert by_title["Positive prompt"]["text"] == "a blue toy on the moon"
     name = by_title["Subject (PNG with a transparent background)"]["image"]
     assert re.fullmatch(r"dreamtuner_runner/my_subject_masked-[0-9a-f]{12}\.png", name)
-    assert users_own.read_bytes() == (ROOT / "workflows" / "inputs" / "dreamtuner_depth.png").read_bytes()
+    assert users_own.read_bytes() == (ROOT / "example_workflows" / "inputs" / "dreamtuner_depth.png").read_bytes()
     stored = (comfyui.base / "input" / name).read_bytes()
     assert name.endswith(f"-{hashlib.sha256(stored).hexdigest()[:12]}.png")
     uploaded = Image.open(comfyui.base / "input" / name)
@@ -182,7 +195,7 @@ def test_the_runner_reports_a_failing_node_in_one_line(comfyui, tmp_path):
 def test_ctrl_c_stops_the_run_on_the_server_too(comfyui, tmp_path):
     process = subprocess.Popen([*RUNNER, "--server", comfyui.url, "--workflow", str(WORKFLOWS[3]), "--steps", "500",
                                 "--size", "64x64", "--output", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_with_ctrl_c)
     for line in process.stdout:
         if "SamplerCustomAdvanced" in line:  # sampling has started
             break
@@ -194,6 +207,57 @@ def test_ctrl_c_stops_the_run_on_the_server_too(comfyui, tmp_path):
         time.sleep(0.5)
     assert comfyui.get("/queue") == {"queue_running": [], "queue_pending": []}
     assert not (tmp_path / "out").exists()
+
+
+def _children(pid):
+    """The ids of the processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_mid_run_stops_the_comfyui_the_runner_started_and_all_its_processes(comfyui, tmp_path):
+    tier2.free_memory(comfyui)  # this starts a second ComfyUI
+    process = subprocess.Popen([*RUNNER, "--comfyui", tier2.COMFYUI_PATH, "--python", tier2.python(), "--cpu",
+                                *[f"--comfy-arg={a}" for a in tier2.server_args(comfyui.base)[1:]],
+                                "--workflow", str(WORKFLOWS[3]), "--steps", "500", "--size", "64x64",
+                                "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = None
+    try:
+        for line in process.stdout:
+            if "SamplerCustomAdvanced" in line:  # sampling has started
+                break
+        (started,) = _children(process.pid)
+        group = os.getpgid(started)
+        assert group != os.getpgid(process.pid)  # a group of its own, ended as a whole
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+        assert process.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err
+        deadline = time.time() + 10
+        while _group_alive(group) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(group), "a process of the ComfyUI the runner started is still running"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if group is not None and _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
 
 
 def _queue(comfyui):

@@ -17,11 +17,34 @@ DEFS = installation()
 NAMES = [path.stem for path in WORKFLOWS]
 
 
-def test_there_are_the_six_workflows_and_the_template_browser_has_the_same_files():
-    assert len(WORKFLOWS) == 6
+# The folders ComfyUI v0.15.1 lists a pack's templates from (app/custom_node_manager.py): each one shown there.
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def test_there_are_the_six_workflows_each_once_in_the_template_browser_with_its_thumbnail():
+    assert len(WORKFLOWS) == 6 and {p.parent.name for p in WORKFLOWS} == {"example_workflows"}
+    listed = [p.stem for folder in TEMPLATE_FOLDERS for p in (ROOT / folder).glob("*.json")]
+    assert sorted(listed) == NAMES  # once each: no second folder the host also reads
     for path in WORKFLOWS:
-        assert (ROOT / "example_workflows" / path.name).read_bytes() == path.read_bytes(), path.name
-    assert sorted(p.name for p in (ROOT / "example_workflows").glob("*.json")) == [p.name for p in WORKFLOWS]
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
+
+
+def _builder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "scripts" / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_workflow_file_is_what_the_builder_writes_from_the_node_definitions(path):
+    """A file edited by hand, or left behind by a change of a node's inputs, fails here: rebuild it with
+    scripts/build_workflows.py (and record the frontend's conversion again)."""
+    builder = _builder()
+    build = builder.WORKFLOWS[path.stem.removeprefix("dreamtuner_")]
+    assert json.loads(json.dumps(build(installation()))) == json.loads(path.read_text())
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
@@ -52,11 +75,77 @@ def test_the_conversion_gives_what_the_comfyui_frontend_gives(path):
            {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in frontend.items()}
 
 
+def test_every_widget_the_frontend_adds_has_its_place_in_widgets_values():
+    """The frontend (1.39, ComfyUI v0.15.1) draws a 'control after generate' combo after every INT named seed or
+    noise_seed unless its spec says control_after_generate False, after an INT, FLOAT or COMBO whose spec asks for
+    one, and a filter text after a COMBO's; each is saved in widgets_values."""
+    def names(spec_by_name):
+        definition = {"input": {"required": spec_by_name}, "input_order": {"required": list(spec_by_name)}}
+        return [w.name for w in wf.widgets(definition)]
+
+    assert names({"seed": ("INT", {"min": 0}), "steps": ("INT", {})}) == ["seed", "control_after_generate", "steps"]
+    assert names({"noise_seed": ("INT", {}), "x": ("FLOAT", {})}) == ["noise_seed", "control_after_generate", "x"]
+    assert names({"seed": ("INT", {"control_after_generate": False})}) == ["seed"]
+    assert names({"n": ("INT", {"control_after_generate": True})}) == ["n", "control_after_generate"]
+    assert names({"strength": ("FLOAT", {"control_after_generate": True})}) == ["strength", "control_after_generate"]
+    assert names({"pick": (["a", "b"], {"control_after_generate": True})}) == \
+           ["pick", "control_after_generate", "control_filter_list"]
+    assert names({"seed": ("FLOAT", {})}) == ["seed"]  # only an INT gets one by its name
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_every_seed_of_a_workflow_is_followed_by_its_control_value(path):
+    workflow = wf.load(path)
+    seeds = 0
+    for node in workflow["nodes"]:
+        if node["type"] not in DEFS or node["type"] in wf.UI_ONLY_NODES:
+            continue
+        slots = wf.widgets(DEFS[node["type"]])
+        for index, slot in enumerate(slots):
+            if slot.input in ("seed", "noise_seed"):
+                assert slots[index + 1].name == "control_after_generate", (node["type"], slot.input)
+                assert node["widgets_values"][index + 1] == "fixed", (node["id"], node["widgets_values"])
+                seeds += 1
+    assert seeds >= 1
+
+
+def _finetune_node(workflow):
+    return next(n for n in workflow["nodes"] if n["type"] == "DreamTunerFinetune")
+
+
+def test_a_missing_or_shifted_widget_value_is_caught():
+    path = next(p for p in WORKFLOWS if p.stem == "dreamtuner_6_finetune_then_generate")
+    slots = wf.widgets(DEFS["DreamTunerFinetune"])
+    control = next(i for i, s in enumerate(slots) if s.name == "control_after_generate")
+    # the file as it once shipped: the seed's control value missing, every later value one place early
+    missing = wf.load(path)
+    del _finetune_node(missing)["widgets_values"][control]
+    (problem,) = wf.check(missing, DEFS)
+    assert "DreamTunerFinetune" in problem and f"has {len(slots) - 1} widget values" in problem
+    # the same count, but the control value one place late: caught where the values land
+    shifted = wf.load(path)
+    values = _finetune_node(shifted)["widgets_values"]
+    values.insert(control + 1, values.pop(control))
+    problems = wf.check(shifted, DEFS)
+    assert any("control_after_generate" in p and "is not one of" in p for p in problems), problems
+    # a control value that is not one of the frontend's
+    wrong = wf.load(path)
+    _finetune_node(wrong)["widgets_values"][control] = "sometimes"
+    assert any("control_after_generate 'sometimes' is not one of its choices (fixed, increment, decrement, "
+               "randomize)" in p for p in wf.check(wrong, DEFS))
+
+
+def test_the_finetune_workflow_ships_with_overwrite_off():
+    path = next(p for p in WORKFLOWS if p.stem == "dreamtuner_6_finetune_then_generate")
+    node = _finetune_node(wf.load(path))
+    assert wf.widget_values(node, DEFS["DreamTunerFinetune"])["overwrite"] is False
+
+
 def test_the_sample_images_are_small_cut_outs():
     from PIL import Image
 
     for name in ("dreamtuner_subject.png", "dreamtuner_subject_turned.png"):
-        path = ROOT / "workflows" / "inputs" / name
+        path = ROOT / "example_workflows" / "inputs" / name
         assert path.stat().st_size < 20_000
         with Image.open(path) as image:
             alpha = image.getchannel("A")

@@ -127,7 +127,7 @@ def make_base(base):
     extra.mkdir()
     (extra / "from_extra_paths.safetensors").symlink_to(encoder)
     (base / "extra_model_paths.yaml").write_text(f"mine:\n    dreamtuner: {extra}\n")
-    for image in (ROOT / "workflows" / "inputs").glob("*.png"):
+    for image in (ROOT / "example_workflows" / "inputs").glob("*.png"):
         shutil.copy(image, base / "input" / image.name)
     from PIL import Image, ImageDraw
 

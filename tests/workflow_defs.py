@@ -5,7 +5,7 @@ the core nodes the workflows use, as ComfyUI v0.15.1 serves them; the tier-2
 tests compare it with a live server (``DREAMTUNER_UPDATE_NODE_DEFS=1`` rewrites
 it). File lists (checkpoints, images, ...) depend on the installation, so they
 are stored empty and filled here with the model files the README tells users
-to get and the sample images shipped in ``workflows/inputs``.
+to get and the sample images shipped in ``example_workflows/inputs``.
 This pack's nodes: from their classes, as the server would list them.
 """
 
@@ -20,7 +20,7 @@ from comfyui_dreamtuner.headless import workflow as wf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "core_node_defs.json"
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 KEPT = ("input", "input_order", "output", "output_name", "display_name", "deprecated")
 
 
@@ -43,7 +43,7 @@ def core_types():
 def documented_files():
     """Model file names in the README's model table, and the sample images."""
     names = set(re.findall(r"`([\w.\-]+\.safetensors)`", (ROOT / "README.md").read_text()))
-    return names | {p.name for p in (ROOT / "workflows" / "inputs").glob("*.png")}
+    return names | {p.name for p in (ROOT / "example_workflows" / "inputs").glob("*.png")}
 
 
 def pack_defs():
