@@ -2,10 +2,13 @@
 
 Every file the pack writes (encoder, LoRA, embedding, pretraining checkpoint,
 loss log and plot, prepared pictures, evaluation tables) goes through
-:func:`replacing`: the content is written under ``NAME.partial`` in the same
-folder and renamed over ``NAME`` (atomic on one file system) only when complete.
-A failure or Ctrl-C / SIGTERM while writing removes the partial file; only a
-hard kill (SIGKILL, power loss) can leave one, and readers ignore that name.
+:func:`replacing`: the content is written to a temporary file of its own in the
+same folder (``.NAME.<random>.partial``, made by :func:`tempfile.mkstemp`, so two
+writers of one name never share it), flushed to disk (``fsync``) and renamed over
+``NAME`` (atomic on one file system) only when complete; the folder is then
+synced so the rename itself survives a power cut. A failure or Ctrl-C / SIGTERM
+while writing removes the temporary file; only a hard kill (SIGKILL, power loss)
+can leave one, and readers ignore that name (it ends in ``.partial``).
 """
 
 from __future__ import annotations
@@ -13,23 +16,61 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 
 import safetensors.torch
 
 
+def _default_mode():
+    """The mode a plain ``open(path, "w")`` would give (0o666 less the umask), read without changing it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
+_MODE = _default_mode()
+
+
+def _fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its rename is durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def replacing(path):
-    """Yield the temporary path to write; on success it replaces ``path``, on any exception it is removed.
+    """Yield a unique temporary path to write; on success it is synced and replaces ``path``, on any exception it is removed.
 
-    The temporary name keeps no extension of its own, so writers that guess the
-    format from the name (PIL, matplotlib) must be told the format.
+    The temporary name keeps no extension of its own (it ends in ``.partial``), so writers that guess the
+    format from the name (PIL, matplotlib) must be told the format. The file exists (empty) when yielded.
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = f"{path}.partial"
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
+    os.close(fd)
     try:
         yield partial
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.chmod(partial, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else _MODE)
+        except OSError:
+            pass
         os.replace(partial, path)
+        _fsync_folder(folder)
     finally:
         if os.path.exists(partial):
             os.remove(partial)

@@ -36,3 +36,54 @@ def test_equal_content_gives_equal_bytes_and_the_file_reads_back(tmp_path):
         assert handle.metadata() == {"x": "1", "y": "2", "z": "3"}
         for key, value in tensors.items():
             assert torch.equal(handle.get_tensor(key), value)
+
+
+def test_two_writers_of_one_name_do_not_share_a_temporary_file(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    with replacing(path) as first:
+        with replacing(path) as second:
+            assert first != second
+            assert (tmp_path / "encoder.safetensors") not in (first, second)
+            with open(first, "w") as handle:
+                handle.write("first\n")
+            with open(second, "w") as handle:
+                handle.write("second\n")
+        assert path.read_text() == "second\n"
+    assert path.read_text() == "first\n"  # the last to finish wins, each whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors"]
+
+
+def test_the_content_is_synced_to_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+    path = tmp_path / "lora.safetensors"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else str(fd)
+        events.append(("fsync", os.path.basename(target)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(os.fspath(src))))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with replacing(path) as partial, open(partial, "w") as handle:
+        handle.write("weights\n")
+    name = os.path.basename(partial)
+    assert events.index(("fsync", name)) < events.index(("replace", name))
+    assert path.read_text() == "weights\n"
+
+
+def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replacing(path) as partial:
+            with open(partial, "wb") as handle:
+                handle.write(b"ne")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
