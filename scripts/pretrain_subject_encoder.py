@@ -5,7 +5,10 @@ One process (CPU or one GPU):
         --controlnet control_v11f1p_sd15_depth.safetensors --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors \\
         --out runs/se1/
 Several GPUs / nodes: the same arguments under torchrun (--nproc_per_node, --nnodes, --rdzv-backend c10d ...).
-Resume: the same command with --resume latest.
+Resume: the same command with --resume latest (only --max-steps, the checkpoint cadence, --keep-checkpoints,
+--workers, --batch-per-device, --precision, --gradient-checkpointing, --encoder-dtype and the number of
+processes may change; any other setting that differs is refused, named). A fresh run refuses a non-empty
+--out unless --overwrite is given (which removes the earlier run's files there first).
 
 Run from the ComfyUI folder (or with ComfyUI's ``comfy`` package importable), with ComfyUI's Python.
 Writes OUT/subject_encoder.safetensors (load it with SubjectEncoderLoader), OUT/encoders/ (one per
@@ -56,6 +59,8 @@ def parser():
     a("--workers", type=int, default=2, help="data loader processes per training process")
     a("--encoder-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of encoder files")
     a("--resume", default=None, help="a checkpoint file, or 'latest' (the newest in OUT/checkpoints)")
+    a("--overwrite", action="store_true",
+      help="start over in a non-empty --out: remove its earlier run (checkpoints/, encoders/, loss log, encoder)")
     a("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
@@ -90,7 +95,8 @@ def main(argv=None):
         max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, beta=args.beta, control_strength=args.control_strength, augment=not args.no_augment,
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, workers=args.workers,
-        encoder_dtype=args.encoder_dtype, resume=args.resume, progress=not args.no_progress)
+        encoder_dtype=args.encoder_dtype, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress)
     try:
         trainer = train(config)
     except DreamTunerInputError as error:

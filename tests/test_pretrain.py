@@ -380,3 +380,39 @@ def test_a_host_without_the_clip_vision_config_is_named(tmp_path):
     safetensors.torch.save_file({"vision_model.encoder.layers.30.layer_norm1.weight": torch.ones(4)}, str(path))
     with pytest.raises(DreamTunerInputError, match="ComfyUI's own Python from the ComfyUI folder"):
         load_clip_vision(str(path))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(smoke_files, tmp_path):
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+
+    out = tmp_path / "run"
+    trainer(smoke_files, out, global_batch=2, max_steps=2).run()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DreamTunerInputError, match=r"(?s)--out '.*run' is not empty.*--resume latest.*--overwrite"):
+        trainer(smoke_files, out, global_batch=2, max_steps=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint_00000001.safetensors", "checkpoint_00000002.safetensors"]  # refused before writing anything
+
+    trainer(smoke_files, out, global_batch=2, max_steps=1, overwrite=True).run()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_00000001.safetensors"]
+    assert [r["step"] for r in RunFiles(str(out), True).rows()] == ["1"]  # the old run's log is gone, not appended to
+    assert (out / "notes.txt").read_text() == "mine"  # files the run did not write are left alone
+
+
+def test_resume_refuses_other_settings_and_names_them(smoke_files, tmp_path):
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+
+    out = tmp_path / "run"
+    trainer(smoke_files, out, global_batch=2, max_steps=1).run()
+    with pytest.raises(DreamTunerInputError, match=r"--lr was 0\.001, now 0\.01; --beta was 1\.0, now 0\.5") as error:
+        trainer(smoke_files, out, global_batch=2, max_steps=2, lr=1e-2, beta=0.5, resume="latest").run()
+    assert "--max-steps" in str(error.value)  # says what may change
+    other = tmp_path / "other_data"
+    import shutil
+    shutil.copytree(smoke_files["data"], other)
+    with pytest.raises(DreamTunerInputError, match="--data was"):
+        trainer(smoke_files, out, global_batch=2, max_steps=2, data=str(other), resume="latest").run()
+    # what may change: the length of the run, its cadence, the per-device batch
+    resumed = trainer(smoke_files, out, global_batch=2, max_steps=2, checkpoint_every=2, batch_per_device=1,
+                      resume="latest").run()
+    assert resumed.step == 2

@@ -15,6 +15,7 @@ from ..errors import DreamTunerInputError
 from ..files import write_safetensors
 from ..subject_encoder.file import save_encoder
 from ..subject_encoder.model import EncoderConfig, SubjectEncoder
+from .config import RESUMABLE_CHANGES, config_differences, flag_name
 from .run_files import RunFiles
 
 CHECKPOINT_FORMAT = "dreamtuner.pretrain_checkpoint"
@@ -88,6 +89,13 @@ def load_checkpoint(trainer, path):
     if EncoderConfig.from_metadata(metadata) != trainer.encoder.config:
         raise DreamTunerInputError(f"--resume '{path}' holds an encoder of another shape than this run's "
                                    "(other --clip-layers, --resblocks or base model); resume with the same settings.")
+    differences = config_differences(state.get("config") or {}, trainer.config)
+    if differences:
+        named = "; ".join(f"{flag} was {stored!r}, now {current!r}" for flag, stored, current in differences)
+        may = ", ".join(sorted(flag_name(n) for n in RESUMABLE_CHANGES - {"out", "resume", "overwrite"}))
+        raise DreamTunerInputError(
+            f"--resume '{path}' was made with other settings: {named}. Resume with the run's settings (only "
+            f"{may} may change), or start a new run in another --out (or with --overwrite, without --resume).")
     order = state["data_order"]
     if order["global_batch"] != trainer.config.global_batch or order["seed"] != trainer.config.seed:
         raise DreamTunerInputError(

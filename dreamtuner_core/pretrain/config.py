@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..subject_encoder.model import PAPER_CLIP_LAYERS
 
@@ -39,7 +39,46 @@ class TrainConfig:
     workers: int = 2
     encoder_dtype: str = "float16"
     resume: str | None = None  # a checkpoint file, or "latest" (the newest in OUT/checkpoints)
+    overwrite: bool = False  # a fresh run into a folder that holds an earlier run: remove that run's files first
     progress: bool = True
 
     def __post_init__(self):
         self.clip_layers = tuple(int(i) for i in self.clip_layers)
+
+
+# What a resumed run may change: how long it runs, how often it saves and logs, and how each process
+# computes the same steps (processes, per-device batch, precision, recomputation, loader processes, the
+# storage dtype of exported encoder files). Everything else (files, data, the encoder's shape, optimiser,
+# schedule, global batch, seed, loss weighting, augmentation) must equal the stored configuration.
+RESUMABLE_CHANGES = frozenset({
+    "out", "resume", "overwrite", "max_steps", "checkpoint_every", "keep_checkpoints", "progress", "workers",
+    "batch_per_device", "precision", "gradient_checkpointing", "encoder_dtype"})
+
+PATH_FIELDS = frozenset({"data", "checkpoint", "controlnet", "clip_vision", "clip_vision_config", "init_encoder"})
+
+
+def flag_name(name):
+    """The command-line flag of a field."""
+    return {"augment": "--no-augment", "progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _same(name, stored, current):
+    if name in PATH_FIELDS and stored is not None and current is not None:
+        import os
+
+        return stored == current or os.path.realpath(stored) == os.path.realpath(current)
+    if isinstance(stored, (list, tuple)) or isinstance(current, (list, tuple)):
+        return list(stored or ()) == list(current or ())
+    return stored == current
+
+
+def config_differences(stored: dict, config: TrainConfig):
+    """``(flag, stored, current)`` for every field that a resume may not change and that differs."""
+    differences = []
+    for f in fields(config):
+        if f.name in RESUMABLE_CHANGES or f.name not in stored:
+            continue
+        current = getattr(config, f.name)
+        if not _same(f.name, stored[f.name], current):
+            differences.append((flag_name(f.name), stored[f.name], current))
+    return differences

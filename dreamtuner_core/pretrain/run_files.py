@@ -6,9 +6,40 @@ import csv
 import glob
 import os
 import re
+import shutil
 
 from ..charts import loss_plot_png
+from ..errors import DreamTunerInputError
 from ..files import replacing
+
+# What a run writes into its folder (``--overwrite`` removes these, and only these).
+RUN_ENTRIES = ("checkpoints", "encoders", "loss.csv", "loss.png", "subject_encoder.safetensors")
+
+
+def check_run_folder(config, main):
+    """A fresh run (no ``--resume``) starts only in an empty or new folder, or with ``--overwrite``.
+
+    Into a folder holding an earlier run, the new run would append to its loss log, overwrite its encoder,
+    and its checkpoint pruning (by name) would delete the new run's checkpoints, while ``--resume latest``
+    later continued the old run. With ``overwrite`` the earlier run's files (:data:`RUN_ENTRIES`) are removed
+    first (by the main process; the caller waits for it); other files in the folder are left alone.
+    """
+    out = config.out
+    if config.resume or not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not config.overwrite:
+        raise DreamTunerInputError(
+            f"--out '{out}' is not empty (it holds an earlier run or other files): the new run would mix with it. "
+            "Continue that run with --resume latest (the same settings), or start over with --overwrite "
+            "(removes its checkpoints/, encoders/, loss.csv, loss.png and subject_encoder.safetensors), "
+            "or give another --out.")
+    if main:
+        for name in RUN_ENTRIES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
 
 
 class RunFiles:

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import Augmentation, PreparedDataset, sample_seed, seeded_rng
 from .frozen_models import FrozenModels
 from .objective import EncoderObjective
-from .run_files import RunFiles
+from .run_files import RunFiles, check_run_folder
 from .world import World, all_mean, setup_world
 
 NUM_TIMESTEPS = 1000
@@ -43,6 +43,8 @@ class Trainer:
                 f"--global-batch {c.global_batch} is not a multiple of --batch-per-device {c.batch_per_device} x "
                 f"{self.world.size} processes; choose sizes whose product divides it.")
         self.accumulation = c.global_batch // (c.batch_per_device * self.world.size)
+        check_run_folder(c, self.world.main)
+        self.world.barrier()  # every process has looked at the folder before any writes to it
         self.frozen = frozen or FrozenModels(c, self.world.device, text_conditioning)
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.frozen.base.diffusion_model)
