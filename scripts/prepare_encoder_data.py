@@ -20,6 +20,8 @@ anything transformers' AutoModelForImageTextToText loads; greedy decoding, so
 a re-run writes the same caption). Users who have their own pass --masks DIR and/or
 --depth DIR (files with the same name stem, any image format).
 
+IDs are unique per source path (a readable stem plus a short hash of the
+relative path, so x.png and x.jpg, a/b.png and a__b.png do not collide).
 Resumable: images already in the manifest are skipped. Bad images
 (unreadable, smaller than --min-size, modes that cannot be converted) are
 listed in OUT/skipped.jsonl and on the console, never stopping the run;
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import threading
 
@@ -52,9 +56,19 @@ def find_images(folder):
 
 
 def item_id(path, folder):
-    """A stable, file-system-safe id from the path relative to the input folder."""
-    relative = pathlib.Path(path).relative_to(folder).with_suffix("")
-    return "__".join(relative.parts).replace(" ", "_")
+    """A stable, file-system-safe id, unique per source path: a readable stem plus a short hash of the path.
+
+    The readable part is the path relative to the input folder without its extension, folders joined by
+    ``__`` and every character other than letters, digits, ``.``, ``-`` and ``_`` made ``_`` (at most 80
+    characters); the hash (12 hex digits of SHA-256 of the relative path, extension included, in ``/`` form)
+    keeps apart the sources that read alike: ``x.png`` and ``x.jpg``, ``a/b.png`` and ``a__b.png``,
+    ``c d.png`` and ``c_d.png``.
+    """
+    relative = pathlib.Path(path).relative_to(folder)
+    readable = "__".join(relative.with_suffix("").parts)
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", readable)[:80].lstrip(".") or "image"
+    digest = hashlib.sha256(relative.as_posix().encode("utf-8")).hexdigest()[:12]
+    return f"{readable}-{digest}"
 
 
 def to_rgb(image):
@@ -251,11 +265,15 @@ def done_ids(out):
     if not path.exists():
         return set()
     ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
-            ids.add(json.loads(line)["id"])
-        except (ValueError, KeyError):
+            ident = json.loads(line)["id"]
+        except (ValueError, KeyError, TypeError):
             continue  # a line cut by a kill: that item is prepared again
+        if ident in ids:
+            sys.exit(f"error: {path} line {number} repeats the id '{ident}' (a folder prepared by an older version, "
+                     "whose ids could collide); prepare into a new --out folder.")
+        ids.add(ident)
     return ids
 
 
@@ -272,7 +290,13 @@ def prepare(args):
         (out / sub).mkdir(parents=True, exist_ok=True)
     paths = find_images(args.images)
     done = done_ids(out)
-    todo = [p for p in paths if item_id(p, args.images) not in done]
+    ids = {}
+    for p in paths:
+        ident = item_id(p, args.images)
+        if ident in ids:  # only a hash collision could do this; never let two workers share one file
+            sys.exit(f"error: '{p}' and '{ids[ident]}' get the same id '{ident}'; rename one of them.")
+        ids[ident] = p
+    todo = [p for ident, p in ids.items() if ident not in done]
     models = Models(args.depth_model, args.mask_model, DEFAULT_BACKGROUND + tuple(args.background_labels or ()),
                     args.device, args.caption_model, args.caption_tokens)
     prepared, skipped = [], []

@@ -80,13 +80,14 @@ def test_prepares_good_images_lists_bad_ones_and_resumes(models, tmp_path):
             "--min-size", 32, "--max-size", 44, "--workers", 2, "--class-word", "toy", "--quiet"]
     prepared, skipped = run(argv)
 
-    assert {e["id"] for e in prepared} == good
+    assert {pathlib.Path(e["source"]).stem for e in prepared} == good
     assert {pathlib.Path(p).stem for p, _ in skipped} == bad
     reasons = dict((pathlib.Path(p).stem, r) for p, r in skipped)
     assert "unreadable" in reasons["broken"] and "too small" in reasons["tiny"]
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 3
 
-    entries = {e["id"]: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    entries = {pathlib.Path(e["source"]).stem: e
+               for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert set(entries) == good
     assert entries["rgb"]["caption"] == "a photo of my red toy"
     assert entries["gray"]["caption"] == "a photo of a toy" and entries["gray"]["caption_source"] == "template"
@@ -126,14 +127,15 @@ def test_user_masks_and_depth_are_used_as_given(tmp_path):
     prepared, skipped = run(["--images", tmp_path / "in", "--out", out, "--masks", tmp_path / "masks",
                              "--depth", tmp_path / "depth", "--min-size", 32, "--quiet"])
     assert skipped == [] and len(prepared) == 1
-    assert (numpy.asarray(Image.open(out / "masks" / "a.png")) == mask).all()
-    saved_depth = numpy.asarray(Image.open(out / "depth" / "a.png"))
+    (entry,) = prepared
+    assert (numpy.asarray(Image.open(out / entry["mask"])) == mask).all()
+    saved_depth = numpy.asarray(Image.open(out / entry["depth"]))
     expected = numpy.asarray(Image.open(tmp_path / "depth" / "a.jpg"))
     assert (saved_depth[..., 0] == expected).all()
 
     dataset = PreparedDataset(str(out), size=32, augmentation=Augmentation(enabled=False))
     sample = dataset[0]
-    m = torch.from_numpy(numpy.array(Image.open(out / "masks" / "a.png").resize((32, 32), Image.BILINEAR))) / 255.0
+    m = torch.from_numpy(numpy.array(Image.open(out / entry["mask"]).resize((32, 32), Image.BILINEAR))) / 255.0
     target = sample["target"]
     assert target.shape == (3, 32, 32) and sample["depth"].shape == (3, 32, 32)
     # the reference: white where the mask is 0, the picture where it is 1 (the mask resized like the picture)
@@ -188,7 +190,7 @@ def test_captions_come_from_txt_then_the_caption_model(caption_model, tmp_path):
                              "--depth", tmp_path / "depth", "--caption-model", caption_model, "--caption-tokens", 6,
                              "--min-size", 32, "--quiet"])
     assert skipped == []
-    entries = {e["id"]: e for e in prepared}
+    entries = {pathlib.Path(e["source"]).stem: e for e in prepared}
     assert (entries["a"]["caption"], entries["a"]["caption_source"]) == ("my own caption", "txt")
 
     processor = AutoProcessor.from_pretrained(caption_model, local_files_only=True)
@@ -204,4 +206,39 @@ def test_captions_come_from_txt_then_the_caption_model(caption_model, tmp_path):
 
 def test_a_folder_without_manifest_is_named(tmp_path):
     with pytest.raises(DreamTunerInputError, match="prepare_encoder_data"):
+        PreparedDataset(str(tmp_path))
+
+
+def test_ids_are_unique_per_source_path(tmp_path):
+    """Sources that read alike get different ids (and so different files): the workers never share one."""
+    rng = numpy.random.default_rng(3)
+    for sub in ("in", "in/a", "masks", "depth"):
+        (tmp_path / sub).mkdir()
+    names = ["x.png", "x.jpg", "a/b.png", "a__b.png", "c d.png", "c_d.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=numpy.uint8)).save(tmp_path / "in" / name)
+    for stem in ("x", "b", "a__b", "c d", "c_d"):
+        Image.fromarray(numpy.full((40, 40), 255, numpy.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=numpy.uint8)).save(tmp_path / "depth" / f"{stem}.png")
+    ids = [prepare_encoder_data.item_id(tmp_path / "in" / name, tmp_path / "in") for name in names]
+    assert len(set(ids)) == len(names), ids
+    assert ids == [prepare_encoder_data.item_id(tmp_path / "in" / name, tmp_path / "in") for name in names]  # stable
+    assert ids[0].startswith("x-") and ids[2].startswith("a__b-") and ids[4].startswith("c_d-")  # still readable
+
+    out = tmp_path / "out"
+    prepared, skipped = run(["--images", tmp_path / "in", "--out", out, "--masks", tmp_path / "masks",
+                             "--depth", tmp_path / "depth", "--min-size", 32, "--workers", 2, "--quiet"])
+    assert skipped == [] and len(prepared) == len(names)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len({e["id"] for e in lines}) == len(names) == len({e["image"] for e in lines})
+    assert len(PreparedDataset(str(out), size=32)) == len(names)
+
+
+def test_a_manifest_with_a_repeated_id_is_refused(tmp_path):
+    for sub in ("images", "masks", "depth"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(numpy.full((8, 8), 255, numpy.uint8)).save(tmp_path / sub / "x.png")
+    entry = {"id": "x", "image": "images/x.png", "mask": "masks/x.png", "depth": "depth/x.png", "caption": "a toy"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(entry) + "\n" + json.dumps(entry) + "\n")
+    with pytest.raises(DreamTunerInputError, match="line 2 repeats the id 'x' of line 1"):
         PreparedDataset(str(tmp_path))

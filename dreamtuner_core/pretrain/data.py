@@ -61,7 +61,7 @@ def read_manifest(folder):
     if not os.path.isfile(path):
         raise DreamTunerInputError(
             f"--data '{folder}' has no {MANIFEST}. Prepare the folder first with scripts/prepare_encoder_data.py.")
-    entries = []
+    entries, seen = [], {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -75,6 +75,12 @@ def read_manifest(folder):
             if missing:
                 raise DreamTunerInputError(f"{path} line {number}: the {', '.join(missing)} file of '{entry.get('id')}' "
                                            "is missing; run scripts/prepare_encoder_data.py again (it fills gaps).")
+            if entry.get("id") is not None and entry["id"] in seen:
+                raise DreamTunerInputError(
+                    f"{path} line {number} repeats the id '{entry.get('id')}' of line {seen[entry.get('id')]}: two "
+                    "items would share one set of files. Prepare the images again into a new folder with "
+                    "scripts/prepare_encoder_data.py (its ids are unique per source path).")
+            seen[entry.get("id")] = number
             entries.append(entry)
     if not entries:
         raise DreamTunerInputError(f"{path} lists no images; prepare a folder with at least one usable image.")
