@@ -28,6 +28,30 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def clip_layers(text):
+    """--clip-layers: comma-separated whole numbers (CLIP hidden-state indices)."""
+    try:
+        layers = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of CLIP hidden-state indices; give whole numbers such as "
+            "25,4,8,12,16 (the paper's)") from None
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"'{text}' has a negative index; give indices 0 or above, such as 25,4,8,12,16")
+    return layers
+
+
+def positive_int(text):
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
+    return value
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -38,17 +62,17 @@ def parser():
     a("--clip-vision-config", default=None, help="HF-style config JSON for a CLIP vision file the host does not recognise")
     a("--out", required=True, help="run folder (checkpoints, encoders, loss log)")
     a("--init-encoder", default=None, help="start from this encoder file instead of a fresh one")
-    a("--clip-layers", default="25,4,8,12,16", help="CLIP hidden-state indices, in order (paper: 25,4,8,12,16)")
+    a("--clip-layers", type=clip_layers, default=(25, 4, 8, 12, 16), help="CLIP hidden-state indices, in order (paper: 25,4,8,12,16)")
     a("--resblocks", type=int, default=4, help="ResBlocks of a fresh encoder")
-    a("--size", type=int, default=512, help="training resolution in px (square)")
-    a("--global-batch", type=int, default=16, help="samples per optimizer step = per-device batch x processes x accumulation")
-    a("--batch-per-device", type=int, default=1, help="samples per process per forward")
+    a("--size", type=positive_int, default=512, help="training resolution in px (square)")
+    a("--global-batch", type=positive_int, default=16, help="samples per optimizer step = per-device batch x processes x accumulation")
+    a("--batch-per-device", type=positive_int, default=1, help="samples per process per forward")
     a("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
     a("--weight-decay", type=float, default=0.0)
     a("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    a("--max-steps", type=int, default=10000, help="optimizer steps in total (a resumed run continues to it)")
-    a("--checkpoint-every", type=int, default=500, help="steps between checkpoints (and encoder files)")
+    a("--max-steps", type=positive_int, default=10000, help="optimizer steps in total (a resumed run continues to it)")
+    a("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints (and encoder files)")
     a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     a("--seed", type=int, default=0, help="seeds the encoder's init, data order, augmentation, noise")
     a("--beta", type=float, default=1.0, help="S-E-A scale during training (paper: 1.0)")
@@ -89,7 +113,7 @@ def main(argv=None):
     config = TrainConfig(
         data=args.data, checkpoint=args.checkpoint, controlnet=args.controlnet, clip_vision=args.clip_vision,
         out=args.out, clip_vision_config=args.clip_vision_config, init_encoder=args.init_encoder,
-        clip_layers=tuple(int(i) for i in args.clip_layers.split(",")), resblocks=args.resblocks, size=args.size,
+        clip_layers=args.clip_layers, resblocks=args.resblocks, size=args.size,
         global_batch=args.global_batch, batch_per_device=args.batch_per_device, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
         max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

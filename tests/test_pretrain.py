@@ -416,3 +416,39 @@ def test_resume_refuses_other_settings_and_names_them(smoke_files, tmp_path):
     resumed = trainer(smoke_files, out, global_batch=2, max_steps=2, checkpoint_every=2, batch_per_device=1,
                       resume="latest").run()
     assert resumed.step == 2
+
+
+def _script_parser():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pretrain_subject_encoder
+
+    return pretrain_subject_encoder.parser()
+
+
+REQUIRED = ["--data", "d", "--checkpoint", "c", "--controlnet", "n", "--clip-vision", "v", "--out", "o"]
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--clip-layers", "a", "--clip-layers: 'a' is not a comma-separated list of CLIP hidden-state indices"),
+    ("--clip-layers", "25,-1", "--clip-layers: '25,-1' has a negative index"),
+    ("--batch-per-device", "0", "--batch-per-device: 0 is below 1; give 1 or more"),
+    ("--global-batch", "x", "--global-batch: 'x' is not a whole number"),
+])
+def test_bad_command_line_values_are_named_with_the_fix(flag, value, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        _script_parser().parse_args(REQUIRED + [flag, value])
+    assert stopped.value.code == 2
+    assert says in capsys.readouterr().err
+    assert _script_parser().parse_args(REQUIRED).clip_layers == (25, 4, 8, 12, 16)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("batch_per_device", 0, "--batch-per-device 0: give a whole number of 1 or more"),
+    ("clip_layers", ("a",), "--clip-layers ('a',) is not a list of CLIP hidden-state indices"),
+])
+def test_bad_settings_are_refused_by_the_config(field, value, says):
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+
+    with pytest.raises(DreamTunerInputError) as error:
+        TrainConfig(data="d", checkpoint="c", controlnet="n", clip_vision="v", out="o", **{field: value})
+    assert says in str(error.value)

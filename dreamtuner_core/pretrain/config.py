@@ -43,7 +43,21 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.clip_layers = tuple(int(i) for i in self.clip_layers)
+        from ..errors import DreamTunerInputError
+
+        try:
+            self.clip_layers = tuple(int(i) for i in self.clip_layers)
+        except (TypeError, ValueError):
+            raise DreamTunerInputError(
+                f"--clip-layers {self.clip_layers!r} is not a list of CLIP hidden-state indices; give whole numbers "
+                "such as 25,4,8,12,16 (the paper's).") from None
+        if not self.clip_layers or any(i < 0 for i in self.clip_layers):
+            raise DreamTunerInputError(f"--clip-layers {list(self.clip_layers)}: give one or more indices of 0 or "
+                                       "above, such as 25,4,8,12,16 (the paper's).")
+        for name in ("size", "global_batch", "batch_per_device", "max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DreamTunerInputError(f"{flag_name(name)} {value!r}: give a whole number of 1 or more.")
 
 
 # What a resumed run may change: how long it runs, how often it saves and logs, and how each process
