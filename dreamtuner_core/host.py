@@ -116,6 +116,18 @@ def self_attention_layers(model):
     return layers
 
 
+def context_width(model):
+    """The text-conditioning width the UNet's cross-attention takes (``context_dim``), or None when unknown."""
+    unet = unet_of(model)
+    widths = set()
+    for layer in self_attention_layers(model):
+        cross = getattr(transformer_block(unet, layer), "attn2", None)
+        to_k = getattr(cross, "to_k", None)
+        if to_k is not None and hasattr(to_k, "in_features"):
+            widths.add(int(to_k.in_features))
+    return widths.pop() if len(widths) == 1 else None
+
+
 def latent_channels(model) -> int:
     latent_format = getattr(getattr(model, "model", None), "latent_format", None)
     return int(getattr(latent_format, "latent_channels", 4))

@@ -71,3 +71,13 @@ def test_the_input_model_survives_a_failed_patch(model):
     with pytest.raises(DreamTunerInputError):
         ssa(model, tm.latent(1), reference_mask=torch.zeros(1, 64, 64))
     assert model.model_options == before
+
+
+def test_reference_conditioning_of_another_family_is_named(model):
+    """SD1.5 text (768 wide) on SDXL is the real case; here the tiny SD1.5's 32 vs SDXL-tiny's 48."""
+    sdxl_text = torch.zeros(1, 77, 48)
+    assert tm.context_dim(model) == 32
+    with pytest.raises(DreamTunerInputError, match=r"reference_conditioning has width 48 but this model's "
+                                                   r"cross-attention takes 32.*with this model's CLIP"):
+        ssa(model, tm.latent(1), reference_conditioning=[[sdxl_text, {}]])
+    ssa(model, tm.latent(1), reference_conditioning=tm.conditioning(model, 0))  # its own family's text is fine

@@ -13,6 +13,8 @@ The input model is never changed. On the clone:
 
 from __future__ import annotations
 
+import torch
+
 from .. import host
 from ..errors import DreamTunerInputError
 from ..keys import STATE_KEY
@@ -138,6 +140,20 @@ class ReferenceRowsMemory:
         return self.previous(shape, *args, **kwargs)
 
 
+def check_reference_context(context, width):
+    """reference_conditioning must be text of the model's family: [batch, tokens, the UNet's context width]."""
+    if not isinstance(context, torch.Tensor) or context.ndim != 3:
+        shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise DreamTunerInputError(
+            f"reference_conditioning must be a text CONDITIONING [batch, tokens, width]; got {shape}. "
+            "Connect a CLIP Text Encode of this model's CLIP.")
+    if width is not None and context.shape[-1] != width:
+        raise DreamTunerInputError(
+            f"reference_conditioning has width {context.shape[-1]} but this model's cross-attention takes "
+            f"{width}: it was encoded by the CLIP of another model family (e.g. SD1.5's 768 on SDXL's 2048). "
+            "Encode the reference caption with this model's CLIP (the CLIP output of the same checkpoint loader).")
+
+
 def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, reference_mask=None,
                                  mask_mode=MASK_SUBJECT_IS_ONE, reference_context=None,
                                  start_percent=0.0, end_percent=1.0, blocks="all", seed=0):
@@ -154,6 +170,7 @@ def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, referen
     layers = parse_blocks(blocks, available)
     masks = prepare_masks(reference_mask, samples.shape[0], mask_mode)
     if reference_context is not None:
+        check_reference_context(reference_context, host.context_width(model))
         reference_context = reference_context[:1].detach().float().cpu()
     references = [
         Reference(latent=samples[i].cpu(), noise=reference_noise(samples.shape[1:], seed + i), mask=masks[i],
