@@ -200,3 +200,19 @@ def test_the_model_fingerprint_ignores_another_clones_lora_patched_in_place(tmp_
         assert all(torch.equal(state[k], before[k]) for k in before)
     finally:
         clone.unpatch_model()
+
+
+def test_a_clip_of_another_family_is_named(parts):
+    """The tiny SD1.5 UNet takes width 32; a CLIP of width 48 stands for SD1.5's CLIP on SDXL."""
+    with pytest.raises(DreamTunerInputError, match=r"clip gives conditioning of width 48 but this model's UNet "
+                                                   r"takes 32.*CLIP output of the checkpoint loader"):
+        call(dict(parts, clip=tm.clip_text(embedding_directory=parts["folders"].embeddings, width=48)))
+
+
+def test_a_vae_of_another_family_is_named(parts):
+    import copy
+
+    vae = copy.copy(parts["vae"])
+    vae.latent_channels = 16  # an SD3 / Flux VAE's latents on an SD1.5 UNet
+    with pytest.raises(DreamTunerInputError, match=r"vae makes latents of 16 channels but this model takes 4.*VAE"):
+        call(dict(parts, vae=vae))

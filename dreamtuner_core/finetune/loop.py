@@ -43,6 +43,7 @@ from .adapters import Adapter, text_targets, unet_targets
 from .data import prepare_latents
 from .run_files import existing_run, from_files, run_hash, run_paths
 from .settings import (FORMAT, FORMAT_VERSION, UNET_LORA, FinetuneResult, FinetuneSettings, OutputFolders, check_family,
+                       check_parts,
                        check_image, check_settings)
 from .subject_token import build_prompts, encode_text
 
@@ -58,6 +59,7 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
     """
     name = check_settings(settings)
     check_family(model, clip)
+    check_parts(model, clip, vae)
     reference = check_image(reference, "reference")
     regular = check_image(regular, "regular_images")
     encoder_patch = encoder_patch_of(model)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .. import host
 from ..errors import DreamTunerInputError
 from .subject_token import text_encoders
 
@@ -143,3 +144,28 @@ def check_family(model, clip) -> None:
         raise DreamTunerInputError(
             "clip: DreamTunerFinetune needs the checkpoint's CLIP text encoder (SD1.x clip_l, SD2.x clip_h or SDXL "
             "clip_l + clip_g); wire the CLIP output of the same checkpoint loader.")
+
+
+def clip_width(clip):
+    """The width of the conditioning the CLIP gives (SDXL: clip_l and clip_g side by side), from an empty prompt."""
+    with torch.no_grad():
+        cond = clip.encode_from_tokens(clip.tokenize(""))
+    cond = cond[0] if isinstance(cond, (tuple, list)) else cond
+    return int(cond.shape[-1])
+
+
+def check_parts(model, clip, vae) -> None:
+    """The CLIP and the VAE belong to the model's family: the CLIP's conditioning width is the UNet's context
+    width, the VAE's latent channels are the model's latent format's."""
+    width, context = clip_width(clip), host.context_width(model)
+    if context is not None and width != context:
+        raise DreamTunerInputError(
+            f"clip gives conditioning of width {width} but this model's UNet takes {context}: it is the CLIP of "
+            "another model family (e.g. SD1.5's 768 with SDXL's 2048). Wire the CLIP output of the checkpoint "
+            "loader that gives the MODEL.")
+    channels, expected = getattr(vae, "latent_channels", None), host.latent_channels(model)
+    if channels is not None and int(channels) != expected:
+        raise DreamTunerInputError(
+            f"vae makes latents of {channels} channels but this model takes {expected}: it is the VAE of another "
+            "model family (e.g. SD3/Flux's 16 with SD1.5/SDXL's 4). Wire the VAE output of the checkpoint loader "
+            "that gives the MODEL, or a VAE Loader with that family's VAE.")
