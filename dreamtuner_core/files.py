@@ -20,6 +20,8 @@ import tempfile
 
 import safetensors.torch
 
+from .errors import DreamTunerInputError
+
 
 def _default_mode():
     """The mode a plain ``open(path, "w")`` would give (0o666 less the umask), read without changing it."""
@@ -94,3 +96,25 @@ def write_safetensors(tensors, metadata, path):
         handle.write(len(text).to_bytes(8, "little"))
         handle.write(text)
         handle.write(memoryview(raw)[8 + length:])
+
+
+def safetensors_model_folder(folder, label):
+    """A local Hugging Face model folder whose weights are safetensors (``model.safetensors`` or its sharded
+    index), for ``from_pretrained(..., use_safetensors=True, local_files_only=True)``; else an error naming
+    the pickled file found instead (``pytorch_model.bin`` and the like are never loaded: pickle runs code)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise DreamTunerInputError(f"{label} '{folder}' is not a folder (give a local Hugging Face model folder).")
+    names = set(os.listdir(folder))
+    if "config.json" not in names:
+        raise DreamTunerInputError(f"{label} '{folder}' must hold config.json and model.safetensors (a Hugging Face "
+                                   "model folder, as save_pretrained or the Hub writes it).")
+    if {"model.safetensors", "model.safetensors.index.json"} & names:
+        return folder
+    pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) or n.endswith(".bin.index.json"))
+    found = f"; it holds {', '.join(pickled)}, pickled weights, which are never loaded (pickle can run code)" \
+        if pickled else ""
+    raise DreamTunerInputError(
+        f"{label} '{folder}' has no model.safetensors{found}. Download the model's safetensors files (most Hub "
+        "models have them), or convert it once: from_pretrained(folder).save_pretrained(folder, "
+        "safe_serialization=True) in a Python you trust.")

@@ -142,17 +142,20 @@ class Models:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.captioner = (AutoProcessor.from_pretrained(caption_model, local_files_only=True),
-                              AutoModelForImageTextToText.from_pretrained(caption_model, local_files_only=True)
+                              AutoModelForImageTextToText.from_pretrained(caption_model, local_files_only=True,
+                                                                          use_safetensors=True)
                               .to(device).eval())
         if depth_model:
             from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
             self.depth = (AutoImageProcessor.from_pretrained(depth_model, local_files_only=True),
-                          AutoModelForDepthEstimation.from_pretrained(depth_model, local_files_only=True).to(device).eval())
+                          AutoModelForDepthEstimation.from_pretrained(depth_model, local_files_only=True,
+                                                                      use_safetensors=True).to(device).eval())
         if mask_model:
             from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-            model = AutoModelForSemanticSegmentation.from_pretrained(mask_model, local_files_only=True).to(device).eval()
+            model = AutoModelForSemanticSegmentation.from_pretrained(mask_model, local_files_only=True,
+                                                                     use_safetensors=True).to(device).eval()
             labels = {int(k): str(v).lower() for k, v in model.config.id2label.items()}
             wanted = {b.lower() for b in background_labels}
             self.background_ids = sorted(i for i, name in labels.items() if name in wanted)
@@ -277,12 +280,17 @@ def done_ids(out):
     return ids
 
 
-def prepare(args):
-    """Prepare every image not yet in the manifest; returns (prepared entries, skipped [(path, reason)])."""
-    sys.path.append(str(ROOT))  # after ComfyUI's own modules
+def _load_core():
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # after ComfyUI's own modules
     from dreamtuner_devtools import pack
 
     pack.load(nodes=False)  # the core as comfyui_dreamtuner.dreamtuner_core, its one import name
+
+
+def prepare(args):
+    """Prepare every image not yet in the manifest; returns (prepared entries, skipped [(path, reason)])."""
+    _load_core()
     from comfyui_dreamtuner.dreamtuner_core.pretrain.data import append_manifest
 
     out = pathlib.Path(args.out)
@@ -358,6 +366,16 @@ def main(argv=None):
             sys.exit(f"error: --{name.replace('_', '-')} '{value}' is not a folder")
     if not (args.mask_model or args.masks) or not (args.depth_model or args.depth):
         sys.exit("error: give --mask-model or --masks, and --depth-model or --depth")
+    _load_core()
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+    from comfyui_dreamtuner.dreamtuner_core.files import safetensors_model_folder
+
+    for name in ("depth_model", "mask_model", "caption_model"):  # safetensors only, nothing downloads
+        if getattr(args, name):
+            try:
+                safetensors_model_folder(getattr(args, name), f"--{name.replace('_', '-')}")
+            except DreamTunerInputError as error:
+                sys.exit(f"error: {error}")
     prepared, skipped, already = prepare(args)
     print(f"prepared {len(prepared)} images, {already} were already done, {len(skipped)} skipped")
     for path, reason in skipped:

@@ -235,3 +235,24 @@ def test_bad_models_and_inputs_are_named(files, tmp_path):
         fidelity.score_images(images(1, 3), images(2, 1), ["a", "b"])
     with pytest.raises(DreamTunerInputError, match="selects no subject pixels"):
         SubjectScore().score(images(1, 1), images(2, 1), "CLIP-I", reference_mask=torch.zeros((1, 8, 8)))
+
+
+@pytest.mark.parametrize("architecture", ["roberta-ViT-B-32", "ViT-B-16-SigLIP"])
+def test_an_architecture_whose_text_tower_or_tokenizer_comes_from_hugging_face_is_refused(architecture, tmp_path):
+    """Its text tower (roberta) or tokenizer (SigLIP) would be downloaded while the model is made: refused first."""
+    open_clip = pytest.importorskip("open_clip")
+    if architecture not in open_clip.list_models():
+        pytest.skip(f"this open_clip has no {architecture}")
+    path = tmp_path / "open_clip_model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(DreamTunerInputError, match=rf"'{architecture}' takes its text tower or tokenizer from "
+                                                   r"Hugging Face \('.+'\), which would be downloaded"):
+        fidelity.load_open_clip(str(path), architecture)
+
+
+def test_a_dino_folder_of_pickled_weights_only_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(DreamTunerInputError, match=r"has no model.safetensors; it holds pytorch_model.bin, pickled "
+                                                   r"weights, which are never loaded"):
+        fidelity.load_dino(str(tmp_path))

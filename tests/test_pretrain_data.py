@@ -242,3 +242,15 @@ def test_a_manifest_with_a_repeated_id_is_refused(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps(entry) + "\n" + json.dumps(entry) + "\n")
     with pytest.raises(DreamTunerInputError, match="line 2 repeats the id 'x' of line 1"):
         PreparedDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("flag", ["--depth-model", "--mask-model", "--caption-model"])
+def test_a_model_folder_of_pickled_weights_only_is_refused_by_name(flag, tmp_path, capsys):
+    for sub in ("in", "masks", "depth", "model"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"pickle")
+    argv = ["--images", tmp_path / "in", "--out", tmp_path / "out", "--masks", tmp_path / "masks",
+            "--depth", tmp_path / "depth", flag, tmp_path / "model", "--quiet"]
+    with pytest.raises(SystemExit, match=rf"{flag} '.*model' has no model.safetensors; it holds pytorch_model.bin"):
+        run(argv)

@@ -10,6 +10,7 @@ import logging
 import os
 
 from ..errors import DreamTunerInputError
+from ..files import safetensors_model_folder
 from .embedders import DinoScorer, OpenClipScorer
 
 
@@ -47,6 +48,7 @@ def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offl
     if architecture not in open_clip.list_models():
         raise DreamTunerInputError(f"clip architecture '{architecture}' is not an open_clip model name; use the "
                                    "name the file was trained as, e.g. ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14.")
+    check_offline_architecture(open_clip, architecture)
     name = os.path.basename(path)
     try:
         state = safetensors.torch.load_file(str(path))
@@ -70,6 +72,18 @@ def load_open_clip(path: str, architecture: str = "ViT-B-32", device="cpu", offl
     return OpenClipScorer(model, open_clip.get_tokenizer(architecture), architecture, str(path), device, offload_device)
 
 
+def check_offline_architecture(open_clip, architecture):
+    """open_clip architectures whose text tower or tokenizer is a Hugging Face model (``hf_model_name``,
+    ``hf_tokenizer_name`` in their config) would download it while the model or tokenizer is made: refused."""
+    text = (open_clip.get_model_config(architecture) or {}).get("text_cfg") or {}
+    hub = text.get("hf_model_name") or text.get("hf_tokenizer_name")
+    if hub:
+        raise DreamTunerInputError(
+            f"clip architecture '{architecture}' takes its text tower or tokenizer from Hugging Face ('{hub}'), "
+            "which would be downloaded at run time; the pack downloads nothing. Use an architecture with "
+            "open_clip's own text tower and tokenizer, e.g. ViT-B-32 (the protocol's), ViT-L-14, ViT-H-14.")
+
+
 def is_dino_folder(folder) -> bool:
     """A local Hugging Face ViT folder as load_dino reads it: config.json and model.safetensors."""
     return os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
@@ -82,6 +96,7 @@ def load_dino(folder: str, device="cpu", offload_device="cpu") -> DinoScorer:
         from transformers import ViTModel
     except ImportError:
         raise DreamTunerInputError("DINO needs the package transformers: pip install transformers.") from None
+    safetensors_model_folder(folder, "dino folder")  # names a folder of pickled weights only
     if not is_dino_folder(folder):
         raise DreamTunerInputError(
             f"dino folder '{folder}' must hold config.json and model.safetensors (the files of "
