@@ -101,8 +101,10 @@ class DreamTunerFinetune:
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
                     "Recompute each UNet block in the backward pass: much less memory, about 30% slower.")}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Replace existing files of this subject_name that another run made. Off: such files stop "
-                    "the run with an error (files of this very run are reused, never retrained).")}),
+                    "Replace existing files of this subject_name that an earlier fine-tune wrote (their metadata "
+                    "says so). Off: such files stop the run with an error (files of this very run are reused, "
+                    "never retrained). A LoRA or embedding of that name the pack did not write is never "
+                    "replaced, even when on.")}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": (

@@ -85,7 +85,8 @@ def test_a_subject_name_colliding_with_an_embedding(parts):
     import safetensors.torch
 
     safetensors.torch.save_file({"clip_l": torch.zeros(1, 32)}, os.path.join(folder, "bello.safetensors"))
-    with pytest.raises(DreamTunerInputError, match=r"embedding .*bello.safetensors already exists.*overwrite"):
+    with pytest.raises(DreamTunerInputError, match=r"embedding .*bello.safetensors exists and was not written by "
+                                                   r"DreamTunerFinetune"):  # a user's own: overwrite cannot replace it
         call(parts, name="bello")
 
 
@@ -216,3 +217,26 @@ def test_a_vae_of_another_family_is_named(parts):
     vae.latent_channels = 16  # an SD3 / Flux VAE's latents on an SD1.5 UNet
     with pytest.raises(DreamTunerInputError, match=r"vae makes latents of 16 channels but this model takes 4.*VAE"):
         call(dict(parts, vae=vae))
+
+
+@pytest.mark.parametrize("kind", ["loras", "embeddings"])
+def test_overwrite_never_replaces_a_file_the_pack_did_not_write(parts, kind, tmp_path):
+    """A user's own LoRA or embedding of the subject's name is refused even with overwrite on, and stays."""
+    import safetensors.torch
+
+    folders = ft.OutputFolders(str(tmp_path / "loras"), str(tmp_path / "embeddings"), str(tmp_path / "dreamtuner"))
+    path = tmp_path / kind / "my_dog.safetensors"
+    path.parent.mkdir(parents=True)
+    safetensors.torch.save_file({"lora_unet_x.lora_up.weight": torch.ones(2, 2)}, str(path),
+                                metadata={"ss_network_dim": "8"})
+    before = path.read_bytes()
+
+    def no_training():
+        raise AssertionError("training started")
+
+    with pytest.raises(DreamTunerInputError, match=r"was not written by DreamTunerFinetune.*never replaced, even "
+                                                   r"with overwrite on.*another subject_name"):
+        ft.finetune(parts["model"], parts["clip"], parts["vae"], tm.image(1, 32, 32), tm.image(2, 32, 32, batch=2),
+                    ft.FinetuneSettings(class_word="dog", name="my_dog", steps=1, rank=2), folders, overwrite=True,
+                    interrupt=no_training)
+    assert path.read_bytes() == before

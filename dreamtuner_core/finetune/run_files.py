@@ -136,7 +136,11 @@ def _metadata_of(path):
 
 
 def existing_run(paths, digest, overwrite, embeddings_folder, name):
-    """True when every file exists and records this run; raises when a foreign file is in the way."""
+    """True when every file exists and records this run; raises when a foreign file is in the way.
+
+    ``overwrite`` replaces only files an earlier fine-tune wrote (their metadata holds a
+    ``dreamtuner.finetune_hash``); a user's own LoRA, embedding or encoder of that name is always refused.
+    """
     for ext in (".pt", ".bin"):
         other = os.path.join(embeddings_folder, name + ext)
         if os.path.exists(other):
@@ -144,9 +148,17 @@ def existing_run(paths, digest, overwrite, embeddings_folder, name):
                 f"subject_name {name!r} collides with the existing embedding {other}; choose another subject_name "
                 "(embedding:<name> would be ambiguous).")
     found = {kind: path for kind, path in paths.items() if os.path.exists(path)}
-    ours = {kind: _metadata_of(path).get("dreamtuner.finetune_hash") == digest for kind, path in found.items()}
+    hashes = {kind: _metadata_of(path).get("dreamtuner.finetune_hash") for kind, path in found.items()}
+    ours = {kind: value == digest for kind, value in hashes.items()}
     if found and len(found) == len(paths) and all(ours.values()):
         return True
+    for kind, path in found.items():  # overwrite or not: a file the fine-tune did not write is never replaced
+        if hashes[kind] is None:
+            what = "embedding" if kind == "embedding" else f"{kind} file"
+            raise DreamTunerInputError(
+                f"subject_name {name!r}: the {what} {path} exists and was not written by DreamTunerFinetune (its "
+                "safetensors metadata has no dreamtuner.finetune_hash), so it is never replaced, even with "
+                "overwrite on. Choose another subject_name, or move that file away if it may go.")
     if not overwrite:
         for kind, path in found.items():
             if ours[kind]:
