@@ -240,3 +240,26 @@ def test_overwrite_never_replaces_a_file_the_pack_did_not_write(parts, kind, tmp
                     ft.FinetuneSettings(class_word="dog", name="my_dog", steps=1, rank=2), folders, overwrite=True,
                     interrupt=no_training)
     assert path.read_bytes() == before
+
+
+def test_the_run_hash_sees_the_vae(parts):
+    """Re-queueing with another VAE must not reuse files trained on other latents."""
+    model, clip = parts["model"], parts["clip"]
+    settings = ft.FinetuneSettings(class_word="dog", name="my_dog")
+    image, regular = tm.image(1, 32, 32), tm.image(2, 32, 32, batch=2)
+    digests = [ft.run_hash(settings, image, None, "subject is 1", regular, model, clip, vae)
+               for vae in (parts["vae"], tm.vae(seed=41), tm.vae(seed=42))]
+    assert digests[0] == digests[1]  # the same weights: the same run
+    assert digests[2] != digests[0]  # other weights: another run
+
+
+def test_a_requeue_with_another_vae_trains_again(parts, tmp_path):
+    """The files of a run with one VAE are not reused for another: they are another run's (overwrite needed)."""
+    folders = ft.OutputFolders(str(tmp_path / "loras"), str(tmp_path / "embeddings"), str(tmp_path / "dreamtuner"))
+    settings = ft.FinetuneSettings(class_word="dog", name="vae_run", steps=1, rank=2)
+    args = (tm.image(1, 32, 32), tm.image(2, 32, 32, batch=2), settings, folders)
+    first = ft.finetune(parts["model"], parts["clip"], parts["vae"], *args)
+    assert not first.reused
+    assert ft.finetune(parts["model"], parts["clip"], tm.vae(seed=41), *args).reused  # same weights: reused
+    with pytest.raises(DreamTunerInputError, match=r"already exists and was not made by this run"):
+        ft.finetune(parts["model"], parts["clip"], tm.vae(seed=42), *args)

@@ -63,7 +63,8 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
     reference = check_image(reference, "reference")
     regular = check_image(regular, "regular_images")
     encoder_patch = encoder_patch_of(model)
-    digest = run_hash(settings, reference, None if mask is None else mask.float(), mask_mode, regular, model, clip)
+    digest = run_hash(settings, reference, None if mask is None else mask.float(), mask_mode, regular, model, clip,
+                      vae)
     paths = run_paths(folders, name, encoder_patch is not None)
     if existing_run(paths, digest, overwrite, folders.embeddings, name):
         return from_files(model, clip, paths, encoder_patch, reused=True)

@@ -100,7 +100,18 @@ def _options_fingerprint(h, model):
             h.update(repr(getattr(patch, "beta", None)).encode())
 
 
-def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
+def _vae_fingerprint(h, vae):
+    """The VAE that makes the training latents: its weights (sampled, as the UNet's) and its latent layout."""
+    module = getattr(vae, "first_stage_model", None)
+    h.update(f"vae:{type(module).__name__}:{getattr(vae, 'latent_channels', None)}:"
+             f"{getattr(vae, 'downscale_ratio', None)}".encode())
+    if isinstance(module, torch.nn.Module):
+        _model_fingerprint(h, module.state_dict())
+
+
+def run_hash(settings, reference, mask, mask_mode, regular, model, clip, vae=None) -> str:
+    """What names a run: settings, pictures, mask, and fingerprints of the UNet (and LoRAs and patches under it),
+    the text encoder and the VAE (``None`` only where no VAE is known: then the hash says so)."""
     h = hashlib.sha256()
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
     h.update(mask_mode.encode())
@@ -114,6 +125,8 @@ def run_hash(settings, reference, mask, mask_mode, regular, model, clip) -> str:
     _clip_fingerprint(h, clip, settings.class_word, uses_pooled=bool(getattr(model.model, "adm_channels", 0)))
     _patches_fingerprint(h, getattr(clip.patcher, "patches", {}))
     h.update(repr(getattr(clip, "layer_idx", None)).encode())
+    if vae is not None:
+        _vae_fingerprint(h, vae)
     return h.hexdigest()
 
 
