@@ -109,7 +109,8 @@ class DreamTunerFinetune:
             "optional": {
                 "mask": ("MASK", {"tooltip": (
                     "Where the subject is in the reference; its background becomes white (paper). Any size "
-                    "(resized to the picture). A mask selecting nothing is an error.")}),
+                    "(resized to the picture). A mask selecting nothing is an error. Not connected: the "
+                    "background is NOT whitened and is learnt with the subject (a warning is logged).")}),
                 "mask_mode": (list(MASK_MODES), {"default": MASK_SUBJECT_IS_ONE, "tooltip": (
                     "What 1 means in mask. LoadImage's MASK is 1 on transparent pixels: choose "
                     "'background is 1 (LoadImage alpha)' for it.")}),

@@ -88,7 +88,8 @@ class ApplySubjectEncoder:
             "optional": {
                 "mask": ("MASK", {"tooltip": (
                     "Where the subject is: the background is replaced by white before encoding, as the paper "
-                    "does. Any size (resized to the image). A mask selecting nothing is an error.")}),
+                    "does. Any size (resized to the image). A mask selecting nothing is an error. Not "
+                    "connected: the background is NOT whitened (the encoder sees it too; a warning is logged).")}),
                 "mask_mode": (list(MASK_MODES), {"default": MASK_SUBJECT_IS_ONE, "tooltip": (
                     "What 1 means in mask. LoadImage's MASK is 1 on transparent pixels (the background of a "
                     "cut-out PNG): choose 'background is 1 (LoadImage alpha)' for it.")}),

@@ -263,3 +263,15 @@ def test_a_requeue_with_another_vae_trains_again(parts, tmp_path):
     assert ft.finetune(parts["model"], parts["clip"], tm.vae(seed=41), *args).reused  # same weights: reused
     with pytest.raises(DreamTunerInputError, match=r"already exists and was not made by this run"):
         ft.finetune(parts["model"], parts["clip"], tm.vae(seed=42), *args)
+
+
+def test_without_a_mask_a_warning_says_the_background_is_not_whitened(parts, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING), pytest.raises(AssertionError, match="training started"):
+        call(parts, name="no_mask")
+    assert any("no mask, so the reference's background is not whitened" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(AssertionError, match="training started"):
+        call(parts, name="with_mask", mask=torch.ones(1, 32, 32))
+    assert not any("not whitened" in r.getMessage() for r in caplog.records)

@@ -269,3 +269,18 @@ def test_the_sdxl_layout_has_one_attention_per_transformer_block():
     context, shapes = attention_layout(family_model("sdxl"))
     assert context == 2048 and len(shapes) == 70
     assert {(s.query_dim, s.heads, s.dim_head) for s in shapes} == {(640, 10, 64), (1280, 20, 64)}
+
+
+def test_without_a_mask_a_warning_says_the_background_is_not_whitened(setup, caplog):
+    import logging
+
+    model, clip_vision, _, _ = setup
+    encoder = make_encoder(model, clip_vision)
+    with caplog.at_level(logging.WARNING):
+        apply(model, encoder, clip_vision)
+    assert any("ApplySubjectEncoder: no mask" in r.getMessage() and "not whitened" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        apply(model, encoder, clip_vision, mask=torch.ones(1, 8, 8))
+    assert not any("not whitened" in r.getMessage() for r in caplog.records)

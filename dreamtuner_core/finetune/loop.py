@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -63,6 +64,10 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
     reference = check_image(reference, "reference")
     regular = check_image(regular, "regular_images")
     encoder_patch = encoder_patch_of(model)
+    if mask is None:
+        logging.warning("DreamTunerFinetune: no mask, so the reference's background is not whitened and is learnt "
+                        "with the subject (the paper whitens it). Connect a mask of the subject (or a cut-out "
+                        "PNG's alpha with mask_mode 'background is 1').")
     digest = run_hash(settings, reference, None if mask is None else mask.float(), mask_mode, regular, model, clip,
                       vae)
     paths = run_paths(folders, name, encoder_patch is not None)

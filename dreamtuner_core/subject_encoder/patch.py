@@ -14,6 +14,8 @@ trainable S-E-A layers.
 
 from __future__ import annotations
 
+import logging
+
 import copy
 from types import SimpleNamespace
 
@@ -181,6 +183,10 @@ def apply_subject_encoder(model, encoder: SubjectEncoder, clip_vision, image, ma
             f"clip_vision has {layers} layers of width {width}; the subject encoder needs at least "
             f"{max(config.clip_layers)} layers of width {config.clip_width} (layers {list(config.clip_layers)}, "
             "e.g. OpenCLIP ViT-H/14 as used by IP-Adapter). Load the CLIP vision model the encoder was trained with.")
+    if mask is None:
+        logging.warning("ApplySubjectEncoder: no mask, so the reference's background is not whitened and the "
+                        "subject encoder encodes it with the subject (the paper whitens it). Connect a mask of "
+                        "the subject (or a cut-out PNG's alpha with mask_mode 'background is 1').")
     prepared = white_background(image, mask, mask_mode)
     features = clip_layer_features(clip_vision, prepared, config.clip_layers)
     patch = SubjectEncoderPatch.from_features(encoder, features, beta, sigma_start, sigma_end)
