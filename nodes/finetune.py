@@ -5,7 +5,7 @@ import os
 
 from ..dreamtuner_core.errors import DreamTunerInputError
 from ..dreamtuner_core.charts import loss_curve_image
-from ..dreamtuner_core.finetune import UNET_FULL, UNET_LORA, UNET_MODES, FinetuneSettings, OutputFolders, finetune
+from ..dreamtuner_core.finetune import UNET_FULL, UNET_LORA, UNET_MODES, UNET_PAPER, FinetuneSettings, OutputFolders, finetune
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
 from .subject_encoder import FOLDER as ENCODER_FOLDER
 from .subject_encoder import register_model_folder
@@ -80,11 +80,15 @@ class DreamTunerFinetune:
                     "Training steps, batch 2 (one reference, one regular). Paper: 800-1200; about 300 with the "
                     "subject encoder.")}),
                 "unet_mode": (list(UNET_MODES), {"default": UNET_LORA, "tooltip": (
-                    f"'{UNET_LORA}': a LoRA of the given rank (paper: LoRA 'also works'; small file). "
-                    f"'{UNET_FULL}': full fine-tuning (paper, lr 1e-6), saved exactly as the full-size weight "
-                    "differences in the LoRA file (.diff keys, as large as the UNet; LoraLoader applies it).")}),
+                    f"'{UNET_LORA}': a LoRA of the given rank at unet_lr (paper: LoRA 'also works'; small file). "
+                    f"'{UNET_FULL}': full fine-tuning at full_unet_lr (default 1e-6, the paper's), saved exactly "
+                    "as the full-size weight differences in the LoRA file (.diff keys, as large as the UNet; "
+                    f"LoraLoader applies it). '{UNET_PAPER}': the paper's recipe (3.3): every UNet and text-encoder "
+                    "weight at 1e-6 for 800 steps (steps, unet_lr, full_unet_lr, train_text_encoder and "
+                    "text_encoder_lr are not used). Full modes need far more memory than a LoRA.")}),
                 "unet_lr": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 0.1, "step": 1e-6, "round": False,
-                                      "tooltip": "UNet learning rate: about 1e-4 for a LoRA, 1e-6 for full (paper)."}),
+                                      "tooltip": "UNet learning rate of a LoRA (about 1e-4). Full fine-tuning "
+                                                 "takes full_unet_lr instead."}),
                 "token_lr": ("FLOAT", {"default": 5e-3, "min": 1e-8, "max": 0.1, "step": 1e-5, "round": False,
                                        "tooltip": "[S*] learning rate (paper: 5e-3)."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (LoRA mode)."}),
@@ -107,6 +111,10 @@ class DreamTunerFinetune:
                     "replaced, even when on.")}),
             },
             "optional": {
+                "full_unet_lr": ("FLOAT", {"default": 1e-6, "min": 1e-8, "max": 0.1, "step": 1e-7, "round": False,
+                                           "forceInput": True, "tooltip": (
+                    f"UNet learning rate of '{UNET_FULL}' (its own; not connected: 1e-6, the paper's). Connect a "
+                    "float (e.g. a Primitive) to change it.")}),
                 "mask": ("MASK", {"tooltip": (
                     "Where the subject is in the reference; its background becomes white (paper). Any size "
                     "(resized to the picture). A mask selecting nothing is an error. Not connected: the "
@@ -127,11 +135,12 @@ class DreamTunerFinetune:
 
     def train(self, model, clip, vae, reference, regular_images, class_word, subject_name, steps, unet_mode,
               unet_lr, token_lr, rank, seed, train_text_encoder, text_encoder_lr, gradient_checkpointing,
-              overwrite, mask=None, mask_mode=MASK_SUBJECT_IS_ONE):
+              overwrite, mask=None, mask_mode=MASK_SUBJECT_IS_ONE, full_unet_lr=None):
         import comfy.model_management
 
         settings = FinetuneSettings(class_word=class_word.strip(), name=subject_name.strip(), steps=int(steps),
                                     unet_lr=float(unet_lr), token_lr=float(token_lr),
+                                    full_unet_lr=1e-6 if full_unet_lr is None else float(full_unet_lr),
                                     text_encoder_lr=float(text_encoder_lr), encoder_lr=float(text_encoder_lr),
                                     rank=int(rank), seed=int(seed), train_text_encoder=bool(train_text_encoder),
                                     unet_mode=unet_mode, gradient_checkpointing=bool(gradient_checkpointing))

@@ -27,7 +27,7 @@ def parts():
 
 def test_full_fine_tuning_is_saved_exactly_as_weight_differences(parts, tmp_path):
     model = parts["model"]
-    state = ft.train(model, parts["clip"], ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_FULL)),
+    state = ft.train(model, parts["clip"], ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_FULL, full_unet_lr=1e-2)),
                      parts["ref"], parts["reg"])
     lora = state.lora_state_dict()
     assert lora and all(k.endswith(".diff") for k in lora)
@@ -106,3 +106,28 @@ def test_runs_inside_inference_mode_on_models_loaded_in_it(tmp_path):
     assert len(result.losses) == BASE["steps"] and all(math.isfinite(v) for v in result.losses)
     assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
     assert os.path.exists(os.path.join(folders.loras, "rex.safetensors"))
+
+
+def test_full_fine_tuning_has_its_own_learning_rate_with_the_papers_default(parts):
+    """unet_lr is the LoRA's: full mode moves each weight by about full_unet_lr (1e-6) per AdamW step, not 1e-2."""
+    settings = ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_FULL))  # unet_lr 1e-2, full_unet_lr default
+    assert settings.full_unet_lr == 1e-6
+    diffs = ft.train(parts["model"], parts["clip"], settings, parts["ref"], parts["reg"]).lora_state_dict()
+    largest = max(float(v.abs().max()) for v in diffs.values())
+    # AdamW's step is at most a few times lr per weight (|m_hat| / sqrt(v_hat) <= (1 - b1) / sqrt(1 - b2) ~ 3.2)
+    assert 0 < largest <= 3.2 * BASE["steps"] * settings.full_unet_lr * 1.01, largest
+
+
+def test_the_papers_recipe_is_a_preset_and_lora_stays_the_default():
+    from comfyui_dreamtuner.nodes.finetune import DreamTunerFinetune
+
+    paper = ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_PAPER, unet_lr=1e-2, text_encoder_lr=1e-2))
+    resolved = ft.settings.resolve_preset(paper)
+    assert (resolved.unet_mode, resolved.train_text_encoder, resolved.full_unet_lr, resolved.text_encoder_lr,
+            resolved.steps) == (ft.UNET_FULL, True, 1e-6, 1e-6, 800)
+    assert ft.settings.unet_learning_rate(resolved) == 1e-6
+    assert ft.settings.resolve_preset(ft.FinetuneSettings(**BASE)) == ft.FinetuneSettings(**BASE)  # others kept
+    inputs = DreamTunerFinetune.INPUT_TYPES()
+    modes, options = inputs["required"]["unet_mode"]
+    assert ft.UNET_PAPER in modes and options["default"] == ft.UNET_LORA
+    assert inputs["optional"]["full_unet_lr"][1]["default"] == 1e-6

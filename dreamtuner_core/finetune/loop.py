@@ -44,8 +44,7 @@ from .adapters import Adapter, text_targets, unet_targets
 from .data import prepare_latents
 from .run_files import existing_run, from_files, run_hash, run_paths
 from .settings import (FORMAT, FORMAT_VERSION, UNET_LORA, FinetuneResult, FinetuneSettings, OutputFolders, check_family,
-                       check_parts,
-                       check_image, check_settings)
+                       check_parts, check_image, check_settings, resolve_preset, unet_learning_rate)
 from .subject_token import build_prompts, encode_text
 
 
@@ -58,6 +57,7 @@ def finetune(model, clip, vae, reference, regular, settings: FinetuneSettings, f
     Same inputs and seed give byte-identical files; a re-queue with the same inputs finds the files by the
     hash in their metadata and loads them instead of training again.
     """
+    settings = resolve_preset(settings)
     name = check_settings(settings)
     check_family(model, clip)
     check_parts(model, clip, vae)
@@ -162,6 +162,7 @@ def train(model, clip, settings: FinetuneSettings, reference, regular, encoder_p
     Runs outside inference mode (current ComfyUI runs nodes inside it): every tensor it creates is an
     ordinary one autograd can use.
     """
+    settings = resolve_preset(settings)
     with grad_mode():
         return _train(model, clip, settings, reference, regular, encoder_patch, progress, interrupt)
 
@@ -203,7 +204,7 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
             encoder.to(device)
             # a copy outside inference mode (the node's features may be inference tensors)
             features = encoder_patch.features.to(device=device, dtype=torch.float32).clone()
-        groups = [{"params": [p for a in adapters.values() for p in a.parameters()], "lr": settings.unet_lr},
+        groups = [{"params": [p for a in adapters.values() for p in a.parameters()], "lr": unet_learning_rate(settings)},
                   {"params": [s.vector for s in slots.values()], "lr": settings.token_lr}]
         if text_adapters:
             groups.append({"params": [p for a in text_adapters.values() for p in a.parameters()],

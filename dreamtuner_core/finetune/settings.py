@@ -7,7 +7,7 @@ error that says what to change.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -28,7 +28,15 @@ UNET_LORA = "lora"
 UNET_FULL = "full (saved as weight differences)"
 
 
-UNET_MODES = (UNET_LORA, UNET_FULL)
+# The paper's recipe (3.3, Appendix B) as one choice: every UNet and text-encoder weight at 1e-6, 800 steps.
+UNET_PAPER = "paper: full UNet + text encoder, lr 1e-6, 800 steps"
+
+
+UNET_MODES = (UNET_LORA, UNET_FULL, UNET_PAPER)
+
+
+PAPER_RECIPE = dict(unet_mode=UNET_FULL, train_text_encoder=True, full_unet_lr=1e-6, text_encoder_lr=1e-6,
+                    encoder_lr=1e-6, steps=800)
 
 
 LR_RANGE = (1e-8, 1e-1)
@@ -47,7 +55,8 @@ class FinetuneSettings:
     class_word: str
     name: str
     steps: int = 800
-    unet_lr: float = 1e-4
+    unet_lr: float = 1e-4  # the UNet LoRA's
+    full_unet_lr: float = 1e-6  # full fine-tuning's (paper: 1e-6)
     token_lr: float = 5e-3
     text_encoder_lr: float = 1e-6
     encoder_lr: float = 1e-6
@@ -90,6 +99,18 @@ def check_name(name: str) -> str:
     return name
 
 
+def resolve_preset(settings: FinetuneSettings) -> FinetuneSettings:
+    """The settings a run uses: the paper preset (:data:`UNET_PAPER`) becomes :data:`PAPER_RECIPE`."""
+    if settings.unet_mode == UNET_PAPER:
+        return replace(settings, **PAPER_RECIPE)
+    return settings
+
+
+def unet_learning_rate(settings: FinetuneSettings) -> float:
+    """Full fine-tuning has its own learning rate (paper 1e-6); a LoRA takes ``unet_lr``."""
+    return settings.full_unet_lr if settings.unet_mode == UNET_FULL else settings.unet_lr
+
+
 def check_settings(settings: FinetuneSettings) -> str:
     """Every setting checked; returns the subject name as the files use it (:func:`check_name`)."""
     name = check_name(settings.name)
@@ -103,7 +124,8 @@ def check_settings(settings: FinetuneSettings) -> str:
         raise DreamTunerInputError("rank must be at least 1 (4-32 is usual for a subject LoRA).")
     if settings.unet_mode not in UNET_MODES:
         raise DreamTunerInputError(f"unet_mode must be one of {UNET_MODES}, got {settings.unet_mode!r}.")
-    for label, value in (("unet_lr", settings.unet_lr), ("token_lr", settings.token_lr),
+    for label, value in (("unet_lr", settings.unet_lr), ("full_unet_lr", settings.full_unet_lr),
+                         ("token_lr", settings.token_lr),
                          ("text_encoder_lr", settings.text_encoder_lr),
                          ("encoder_lr", settings.encoder_lr)):
         if not (LR_RANGE[0] <= float(value) <= LR_RANGE[1]):
