@@ -37,6 +37,9 @@ def init_weights(module, seed, scale=1.0):
             else:
                 value = torch.zeros(p.shape)
             p.copy_(value.to(p.dtype))
+        for m in module.modules():  # every norm (the UNet's GroupNorms are named in_layers.0, out.0, ...)
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
     return module
 
 
@@ -181,7 +184,7 @@ def _views(rng, subjects, heldout_captions=None):
     return to_tensor(np.stack(imgs))
 
 
-def build_identity(seed, steps, batch=64, log=print):
+def build_identity(seed, steps, batch=48, log=print):
     net = nets.IdentityNet()
     torch.manual_seed(seed)
     net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
@@ -242,12 +245,14 @@ def main(argv=None):
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--measure-steps", type=int, default=800)
+    parser.add_argument("--scene-steps", type=int, default=1200)
+    parser.add_argument("--manifest-only", action="store_true", help="only rewrite MANIFEST.json")
     parser.add_argument("--threads", type=int, default=1, help=(
         "torch threads; 1 is fastest when the machine's 2 cores are shared (2 threads under contention "
         "ran 6x slower here)"))
     args = parser.parse_args(argv)
     host.setup(args.threads)
-    parts = set(args.only or ["clip", "vae", "unet", "identity", "scene"])
+    parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
     times = {}
 
     def timed(name, fn, *a, **k):
@@ -277,7 +282,7 @@ def main(argv=None):
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
-        timed("scene", build_scene, seed=71, steps=args.measure_steps // 2)
+        timed("scene", build_scene, seed=71, steps=args.scene_steps)
     previous = {}
     if manifest.MANIFEST.exists():
         import json

@@ -23,7 +23,7 @@ def _trunk(width):
 
 
 class IdentityNet(nn.Module):
-    def __init__(self, width=32, dim=64):
+    def __init__(self, width=16, dim=64):
         super().__init__()
         self.trunk = _trunk(width)
         self.head = nn.Linear(256, dim)
