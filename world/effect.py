@@ -2,7 +2,8 @@
 
 For N held-out subjects x S seeds: plain sampling, and the pack's Self-Subject-Attention node over
 omega_ref, with the subject mask and without it; the oracle (the generator's renders of the subject for
-the prompt) bounds subject fidelity from above. Writes world/results/effect.csv (one row per subject,
+the prompt) bounds subject fidelity from above; then the pack's InterleavedCFGSampler node (w_r = cfg)
+over p_r at omega_ref 3 with the mask. Writes world/results/effect.csv (one row per subject,
 seed and setting), effect.md (the table: mean, and the spread over seeds = standard deviation of the
 per-seed means over subjects), effect.png (curves over omega_ref) and effect_grid.png
 (reference | plain | SSA with mask | SSA without mask, for the first subjects).
@@ -21,16 +22,19 @@ from . import experiment
 from .base_report import RESULTS, grid_png
 
 OMEGAS = (0, 1, 2, 3, 5, 10)
+P_R = (0.0, 0.5, 0.9, 1.0)
 METRICS = ("identity", "pattern", "scene", "time", "position")
 
 
-def settings(omegas=OMEGAS, broken=True):
+def settings(omegas=OMEGAS, broken=True, interleaved=True):
     out = [experiment.Setting()]
     for mask in ("subject", "none"):  # omega_ref = 0 is plain attention whatever the mask: run once
         out += [experiment.Setting(float(w), mask) for w in omegas if w or mask == "subject"]
     if broken:
         out += [experiment.Setting(3.0, "inverted"), experiment.Setting(3.0, "subject", reference_sigma=14.6),
                 experiment.Setting(3.0, "subject", reference_sigma=2.0)]
+    if interleaved:
+        out += [experiment.Setting(3.0, "subject", p_r=p) for p in P_R]
     return out
 
 
@@ -53,12 +57,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=experiment.STEPS)
     parser.add_argument("--cfg", type=float, default=experiment.CFG)
     parser.add_argument("--grid-subjects", type=int, default=8)
+    parser.add_argument("--no-interleaved", action="store_true", help="skip the interleaved-guidance sweep over p_r")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     t0 = time.time()
     world = experiment.World()
     rows, grid = [], []
-    all_settings = settings()
+    all_settings = settings(interleaved=not args.no_interleaved)
     for i in range(args.subjects):
         case = experiment.make_case(i)
         oracle = experiment.oracle_images(case, args.seeds)

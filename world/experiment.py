@@ -42,13 +42,15 @@ class Setting:
     omega_ref: float | None = None  # None: plain sampling (no patch)
     mask: str = "subject"  # "subject" | "none" | "inverted"
     reference_sigma: float = 0.0
+    p_r: float | None = None  # None: the KSampler path; else the pack's InterleavedCFGSampler node, w_r = cfg
 
     @property
     def name(self) -> str:
         if self.omega_ref is None:
             return "plain"
         name = f"ssa w={self.omega_ref:g} mask={self.mask}"
-        return name + (f" ref+sigma{self.reference_sigma:g}" if self.reference_sigma else "")
+        name += f" ref+sigma{self.reference_sigma:g}" if self.reference_sigma else ""
+        return name + (f" interleaved p_r={self.p_r:g}" if self.p_r is not None else "")
 
 
 def make_case(index: int, seed: int = 1234) -> Case:
@@ -123,10 +125,31 @@ class World:
                                       disable_pbar=True, seed=seed)
         return self.decode(out)
 
+    def sample_interleaved(self, model, positive, batch: int, seed: int, p_r: float, steps: int = STEPS,
+                           cfg: float = CFG):
+        import comfy.utils
+
+        node = self.nodes["DreamTunerInterleavedCFGSampler"]()
+        latent = {"samples": torch.zeros((batch, 4, 16, 16))}
+        bar = getattr(comfy.utils, "PROGRESS_BAR_ENABLED", True)
+        comfy.utils.PROGRESS_BAR_ENABLED = False
+        try:
+            with torch.no_grad(), host.fast_attention():
+                out = getattr(node, node.FUNCTION)(
+                    model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=SAMPLER, scheduler=SCHEDULER,
+                    positive=positive, negative=self.text(""), latent_image=latent, denoise=1.0, w_r=-1.0,
+                    p_r=p_r, delta_t=0, delta_t_prime=0)[0]
+        finally:
+            comfy.utils.PROGRESS_BAR_ENABLED = bar
+        return self.decode(out["samples"])
+
     def run(self, case: Case, setting: Setting, seeds: int, steps: int = STEPS, cfg: float = CFG):
         """Images [seeds, 32, 32, 3] and per-seed measures for one case and setting (same noise for all settings)."""
-        images = self.sample(self.patched(case, setting), self.text(case.prompt.text), seeds, seed=case.index,
-                             steps=steps, cfg=cfg)
+        model, positive = self.patched(case, setting), self.text(case.prompt.text)
+        if setting.p_r is None:
+            images = self.sample(model, positive, seeds, seed=case.index, steps=steps, cfg=cfg)
+        else:
+            images = self.sample_interleaved(model, positive, seeds, case.index, setting.p_r, steps=steps, cfg=cfg)
         return images, score(images, case)
 
 
