@@ -241,9 +241,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
-    parser.add_argument("--images", type=int, default=12000)
+    parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--unet-steps", type=int, default=2400)
+    parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--measure-steps", type=int, default=800)
     parser.add_argument("--scene-steps", type=int, default=1200)
     parser.add_argument("--manifest-only", action="store_true", help="only rewrite MANIFEST.json")
