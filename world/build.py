@@ -241,7 +241,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
-    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--vae-images", type=int, default=12000)
+    parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--measure-steps", type=int, default=800)
@@ -264,18 +265,20 @@ def main(argv=None):
 
     data = None
     if parts & {"vae", "unet"}:
-        data = timed("data", generator.dataset, args.images, seed=1)
+        # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
+        data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
-        timed("vae", build_vae, data["images"], seed=41, steps=args.vae_steps)
+        timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
     if "unet" in parts:
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
             vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
             captions = list(generator.TRAIN_CAPTIONS)
             index = {c.key: i for i, c in enumerate(captions)}
-            return (encode_latents(vae, data["images"]), torch.tensor([index[c.key] for c in data["captions"]]),
+            return (encode_latents(vae, data["images"][:args.images]),
+                    torch.tensor([index[c.key] for c in data["captions"][:args.images]]),
                     caption_conditionings(clip, captions))
         latents, cond_index, conds = timed("latents", latents_and_conds)
         timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
