@@ -90,7 +90,8 @@ def main(argv=None):
     seconds = time.time() - t0
     lines += ["", f"Plain sampling ({experiment.SAMPLER}, {args.steps} steps, cfg {args.cfg}) of "
               f"{len(captions)} held-out captions x {args.seeds} seeds ({len(captions) * args.seeds} images):", ""]
-    lines += [f"- {k} read as prompted: {np.mean(v):.3f}" for k, v in hits.items()]
+    lines += [f"- {k} read as prompted: {np.mean(v):.3f}" for k, v in hits.items() if k != "subject seen"]
+    lines += [f"- a subject (saturated pattern) found in the image: {np.mean(hits['subject seen']):.3f}"]
     lines += ["", f"Grid: world/results/base_grid.png (each row: a render of a held-out subject for the caption, "
               f"then {args.seeds} samples). Time: {seconds:.0f} s.", ""]
     grid_png(grid, RESULTS / "base_grid.png")
