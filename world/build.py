@@ -286,13 +286,13 @@ def main(argv=None):
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
         timed("scene", build_scene, seed=71, steps=args.scene_steps)
-    previous = {}
+    extra = {}
     if manifest.MANIFEST.exists():
         import json
 
-        previous = json.loads(manifest.MANIFEST.read_text()).get("build_seconds", {})
-    previous.update(times)
-    manifest.write([f for f in FILES if (host.MODELS / f).exists()], {"build_seconds": previous})
+        extra = {k: v for k, v in json.loads(manifest.MANIFEST.read_text()).items() if k != "files"}
+    extra.setdefault("build_seconds", {}).update(times)
+    manifest.write([f for f in FILES if (host.MODELS / f).exists()], extra)
     total = sum((host.MODELS / f).stat().st_size for f in FILES if (host.MODELS / f).exists())
     print(f"build times (s): {times}; files: {total / 1e6:.1f} MB in {host.MODELS}")
 
