@@ -1,0 +1,301 @@
+"""Rebuild every trained part of the world, deterministically, on the CPU: ``python -m world.build``.
+
+Order: training data (renders of training subjects in training captions) -> text encoder (host
+SD1ClipModel, frozen at its seeded random weights) -> VAE (host AutoencoderKL) -> latents, computed once
+through the shipped VAE -> UNet (host SD1.5 BaseModel, eps prediction, trained with the host's model
+sampling, classifier-free dropout) -> identity embedder and scene classifier (the measures).
+Each part is written to world/models/ as safetensors and read back before the next part uses it; the
+manifest (SHA-256, sizes, build times) is written last. Prints how long each part took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import generator, host, manifest, nets
+
+FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identity.safetensors",
+         "scene.safetensors")
+
+
+def init_weights(module, seed, scale=1.0):
+    """Seeded fan-in normal initialisation (comfy's ops skip initialisation)."""
+    generator_ = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                value = torch.randn(p.shape, generator=generator_) * (scale / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                value = torch.ones(p.shape)
+            else:
+                value = torch.zeros(p.shape)
+            p.copy_(value.to(p.dtype))
+        for m in module.modules():  # every norm (the UNet's GroupNorms are named in_layers.0, out.0, ...)
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
+    return module
+
+
+def save(tensors, name, dtype=torch.float16):
+    import comfy.utils
+
+    host.MODELS.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()},
+                                str(host.MODELS / name))
+
+
+def cosine_lr(optimizer, base, step, steps, warmup=100):
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def to_tensor(images_uint8):
+    return torch.from_numpy(images_uint8).float().div(255).permute(0, 3, 1, 2).contiguous()
+
+
+def _clone_norm_inputs(unet):
+    """The late-2024 core's BasicTransformerBlock adds to x in place after a norm saved it; give norms a copy."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    for module in unet.modules():
+        if isinstance(module, BasicTransformerBlock):
+            for norm in ("norm1", "norm2", "norm3"):
+                getattr(module, norm).register_forward_pre_hook(lambda m, a: (a[0].clone(),) + tuple(a[1:]))
+
+
+def build_clip(seed):
+    clip = host.make_clip()
+    init_weights(clip.cond_stage_model, seed)
+    save(clip.cond_stage_model.state_dict(), "clip_text.safetensors")
+
+
+def caption_conditionings(clip, captions):
+    """[len(captions) + 1, 77, 32]: the conditioning of each caption, then of the empty prompt."""
+    with torch.no_grad():
+        return torch.cat([host.encode_text(clip, text)[0][0] for text in [c.text for c in captions] + [""]])
+
+
+def build_vae(images, seed, steps, batch=16, log=print):
+    ae = host.new_autoencoder()
+    init_weights(ae, seed)
+    ae.float().train().to(memory_format=torch.channels_last)  # about 2x faster convolutions on this CPU
+    params = list(ae.encoder.parameters()) + list(ae.quant_conv.parameters()) + \
+        list(ae.post_quant_conv.parameters()) + list(ae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    x_all = (to_tensor(images) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    t0 = time.time()
+    for step in range(steps):
+        cosine_lr(opt, 2e-3, step, steps)
+        x = x_all[torch.randint(len(x_all), (batch,), generator=g)]
+        mean = ae.quant_conv(ae.encoder(x))[:, :4]
+        z = mean + 0.05 * torch.randn(mean.shape, generator=g)
+        out = ae.decoder(ae.post_quant_conv(z))
+        loss = F.mse_loss(out, x) + 0.5 * (out - x).abs().mean() + 1e-4 * mean.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    ae.eval()
+    # Fold a per-channel normalisation into quant_conv / post_quant_conv (exact): latents get mean 0 and
+    # std 1 / 0.18215, so SD1.5's latent format (scale 0.18215) gives the UNet unit-variance input; the
+    # log-variance rows are set to -30, so the host's sampling encoder is deterministic (std e^-15).
+    with torch.no_grad():
+        mean = torch.cat([ae.quant_conv(ae.encoder(x_all[i:i + 256]))[:, :4] for i in range(0, 2048, 256)])
+        mu, sd = mean.mean((0, 2, 3)), mean.std((0, 2, 3))
+        s = (1 / 0.18215) / sd
+        qw, qb = ae.quant_conv.weight, ae.quant_conv.bias
+        qw[:4] *= s[:, None, None, None]
+        qb[:4] = s * (qb[:4] - mu)
+        qw[4:] = 0
+        qb[4:] = -30.0
+        pw, pb = ae.post_quant_conv.weight, ae.post_quant_conv.bias
+        pb += (pw[:, :, 0, 0] @ mu)
+        pw /= s[None, :, None, None]
+    save(ae.to(memory_format=torch.contiguous_format).state_dict(), "vae.safetensors")
+
+
+def encode_latents(vae, images, batch=512):
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(vae.encode(torch.from_numpy(images[i:i + batch]).float().div(255)).detach())
+    return torch.cat(out)
+
+
+def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print):
+    patcher = host.make_unet()
+    unet = patcher.model.diffusion_model
+    init_weights(unet, seed)
+    with torch.no_grad():  # zero the last conv: the UNet starts predicting eps = 0
+        unet.out[-1].weight.zero_()
+    unet.train()
+    _clone_norm_inputs(unet)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    sampling = patcher.model.model_sampling
+    x0_all = patcher.model.latent_format.process_in(latents)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    empty = len(conds) - 1
+    t0 = time.time()
+    with host.fast_attention():
+        for step in range(steps):
+            cosine_lr(opt, lr, step, steps, warmup=200)
+            idx = torch.randint(len(x0_all), (batch,), generator=g)
+            x0 = x0_all[idx]
+            ci = cond_index[idx].clone()
+            ci[torch.rand(batch, generator=g) < 0.1] = empty
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            sigma = sampling.sigmas[t].float()
+            eps = torch.randn(x0.shape, generator=g)
+            x = x0 + sigma[:, None, None, None] * eps
+            x_in = x / torch.sqrt(sigma ** 2 + 1)[:, None, None, None]
+            out = unet(x_in, timesteps=sampling.timestep(sigma).float(), context=conds[ci])
+            loss = F.mse_loss(out, eps)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(0.999, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            if step == 20:
+                log(f"  unet: {(time.time() - t0) / 21:.2f} s/step, about {(time.time() - t0) / 21 * steps / 60:.0f} min")
+            if step % 250 == 0 or step == steps - 1:
+                log(f"  unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    save(ema.state_dict(), "unet.safetensors")
+
+
+def _views(rng, subjects, heldout_captions=None):
+    imgs = []
+    for s in subjects:
+        c = generator.draw_caption(rng, s.family, bool(rng.integers(2)) if heldout_captions is None else heldout_captions)
+        imgs.append(generator.render(s, c, rng)[0])
+    return to_tensor(np.stack(imgs))
+
+
+def build_identity(seed, steps, batch=48, log=print):
+    net = nets.IdentityNet()
+    torch.manual_seed(seed)
+    net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        cosine_lr(opt, 1e-3, step, steps)
+        subjects = [generator.draw_subject(rng, False) for _ in range(batch)]
+        a = nets.augment(_views(rng, subjects), g)
+        b = nets.augment(_views(rng, subjects), g)
+        za, zb = net(a), net(b)
+        logits = za @ zb.T / 0.1
+        target = torch.arange(batch)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  identity step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    save(net.state_dict(), "identity.safetensors", torch.float32)
+
+
+def build_scene(seed, steps, batch=64, log=print):
+    net = nets.SceneNet()
+    torch.manual_seed(seed)
+    net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        cosine_lr(opt, 1e-3, step, steps)
+        imgs, labels = [], []
+        for _ in range(batch):
+            s = generator.draw_subject(rng, False)
+            c = generator.ALL_CAPTIONS[int(rng.integers(len(generator.ALL_CAPTIONS)))]
+            c = generator.Caption(s.family, *c.key[1:])
+            imgs.append(generator.render(s, c, rng)[0])
+            labels.append((c.scene, c.time, c.position))
+        out = net(nets.augment(to_tensor(np.stack(imgs)), g))
+        labels = torch.tensor(labels)
+        loss = sum(F.cross_entropy(out[name], labels[:, i]) for i, (name, _) in enumerate(nets.SceneNet.HEADS))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  scene step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    save(net.state_dict(), "scene.safetensors", torch.float32)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "identity", "scene"],
+                        help="rebuild only these parts (the others are read from world/models)")
+    parser.add_argument("--vae-images", type=int, default=12000)
+    parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--measure-steps", type=int, default=800)
+    parser.add_argument("--scene-steps", type=int, default=1200)
+    parser.add_argument("--manifest-only", action="store_true", help="only rewrite MANIFEST.json")
+    parser.add_argument("--threads", type=int, default=1, help=(
+        "torch threads; 1 is fastest when the machine's 2 cores are shared (2 threads under contention "
+        "ran 6x slower here)"))
+    args = parser.parse_args(argv)
+    host.setup(args.threads)
+    parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
+    times = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.time()
+        result = fn(*a, **k)
+        times[name] = round(time.time() - t0, 1)
+        print(f"{name}: {times[name]:.1f} s", flush=True)
+        return result
+
+    data = None
+    if parts & {"vae", "unet"}:
+        # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
+        data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
+    if "clip" in parts:
+        timed("clip_text", build_clip, seed=31)
+    if "vae" in parts:
+        timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
+    if "unet" in parts:
+        def latents_and_conds():
+            clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
+            vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
+            captions = list(generator.TRAIN_CAPTIONS)
+            index = {c.key: i for i, c in enumerate(captions)}
+            return (encode_latents(vae, data["images"][:args.images]),
+                    torch.tensor([index[c.key] for c in data["captions"][:args.images]]),
+                    caption_conditionings(clip, captions))
+        latents, cond_index, conds = timed("latents", latents_and_conds)
+        timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
+    if "identity" in parts:
+        timed("identity", build_identity, seed=61, steps=args.measure_steps)
+    if "scene" in parts:
+        timed("scene", build_scene, seed=71, steps=args.scene_steps)
+    extra = {}
+    if manifest.MANIFEST.exists():
+        import json
+
+        extra = {k: v for k, v in json.loads(manifest.MANIFEST.read_text()).items() if k != "files"}
+    extra.setdefault("build_seconds", {}).update(times)
+    manifest.write([f for f in FILES if (host.MODELS / f).exists()], extra)
+    total = sum((host.MODELS / f).stat().st_size for f in FILES if (host.MODELS / f).exists())
+    print(f"build times (s): {times}; files: {total / 1e6:.1f} MB in {host.MODELS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The world's host models: ComfyUI's own classes, small configurations, loaded from the shipped files.
+
+Everything that touches ComfyUI or the pack goes through this module:
+- ``setup()`` makes ComfyUI's ``comfy`` importable on a CPU-only machine and sets torch's threads;
+- ``load_pack()`` imports the pack as ComfyUI does (its folder's ``__init__.py``, as the package
+  ``comfyui_dreamtuner``) and ``nodes()`` returns its node classes by their stable registered names;
+- ``make_unet`` / ``make_vae`` / ``make_clip`` build ``comfy.model_base.BaseModel`` (SD1.5 config, eps
+  prediction, the host's model sampling) in a ``ModelPatcher``, ``comfy.sd.VAE`` (AutoencoderKL) and
+  ``comfy.sd.CLIP`` (SD1 tokenizer + SD1ClipModel) from explicit configs.
+
+Why explicit configs: the core loaders (CheckpointLoaderSimple, VAELoader, CLIPLoader) detect a model
+from its tensor shapes against fixed full-size configurations (SD1.5's UNet has model_channels 320 and
+context 768; its VAE ch 128 with 8x downscale; its text encoder is CLIP-L with width 768). Files this
+small (20 MB for the whole world) cannot match those, so they are read here with
+``comfy.utils.load_torch_file`` and loaded into the host classes built from the configs below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import pathlib
+import sys
+import tempfile
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = pathlib.Path(__file__).resolve().parent / "models"
+PACKAGE = "comfyui_dreamtuner"
+
+# SD1.x-family UNet: attention at the 16x16 latent (256 tokens) and at 8x8.
+UNET_CONFIG = dict(
+    image_size=16, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=64,
+    num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1, num_head_channels=16, context_dim=32, use_linear_in_transformer=True,
+    adm_in_channels=None, use_temporal_attention=False,
+)
+# AutoencoderKL with one downsampling: 32x32 RGB <-> 16x16x4 latent.
+VAE_PARAMS = {"ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3,
+                           "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                           "dropout": 0.0}, "embed_dim": 4}
+VAE_RATIO = 2
+# SD1-style CLIP text model, width 32 (the UNet's context_dim), the real CLIP tokenizer and vocabulary.
+CLIP_TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1,
+    "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408,
+}
+
+
+def setup(threads: int = 1):
+    torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def load_pack():
+    """The pack, imported as ComfyUI imports a custom node folder (as tests/conftest.py does)."""
+    if PACKAGE not in sys.modules:
+        setup()
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACKAGE]
+
+
+def nodes():
+    """The pack's node classes by registered name (NODE_CLASS_MAPPINGS): the only way the world calls it."""
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+@contextlib.contextmanager
+def fast_attention():
+    """Use PyTorch's SDPA for the host's attention (CPU default, sub-quadratic chunking, is ~10x slower here).
+
+    Same maths; only the host's own ``optimized_attention`` is swapped, and restored afterwards.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention
+    attention.optimized_attention = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        attention.optimized_attention = saved
+
+
+def make_unet(sd=None):
+    """A ModelPatcher around comfy.model_base.BaseModel with the SD1.5 model config (eps prediction)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    model = config.get_model({}, device="cpu")
+    if sd is not None:
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"UNet file does not match UNET_CONFIG: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.diffusion_model.to(torch.float32)
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def make_vae(sd):
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd=sd, config={"params": VAE_PARAMS}, dtype=torch.float32)
+    vae.downscale_ratio = vae.upscale_ratio = VAE_RATIO
+    return vae
+
+
+def new_autoencoder():
+    import comfy.ldm.models.autoencoder
+
+    return comfy.ldm.models.autoencoder.AutoencoderKL(**VAE_PARAMS)
+
+
+def make_clip(sd=None):
+    """comfy.sd.CLIP with the SD1 tokenizer and an SD1ClipModel of CLIP_TEXT_CONFIG."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    config_path = pathlib.Path(tempfile.gettempdir()) / "dreamtuner_world_clip_text.json"
+    config_path.write_text(json.dumps(CLIP_TEXT_CONFIG))
+    tokenizer = comfy.sd1_clip.SD1Tokenizer
+    vocabulary = clip_tokenizer_dir()
+    if vocabulary is not None:
+        tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
+            comfy.sd1_clip.SDTokenizer, tokenizer_path=vocabulary))
+    target = comfy.supported_models_base.ClipTarget(
+        tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=functools.partial(
+            comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config_path))))
+    clip = comfy.sd.CLIP(target=target)
+    if sd is not None:
+        missing, unexpected = clip.cond_stage_model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if "position_ids" not in k and "logit_scale" not in k]
+        if missing:
+            raise ValueError(f"CLIP file does not match CLIP_TEXT_CONFIG: missing {missing[:3]}")
+    clip.cond_stage_model.to(torch.float32)
+    return clip
+
+
+def encode_text(clip, text: str):
+    """A CONDITIONING, as the core CLIPTextEncode node makes it."""
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def load_file(name: str):
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(str(MODELS / name), safe_load=True)
+
+
+@functools.lru_cache(maxsize=None)
+def world_models():
+    """(unet ModelPatcher, vae, clip) from the shipped files, checked against the manifest first."""
+    from . import manifest
+
+    manifest.verify()
+    unet = make_unet({k: v.float() for k, v in load_file("unet.safetensors").items()})
+    vae = make_vae({k: v.float() for k, v in load_file("vae.safetensors").items()})
+    clip = make_clip({k: v.float() for k, v in load_file("clip_text.safetensors").items()})
+    return unet, vae, clip
+
+
+def _bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_tokenizer_dir():
+    """CLIP's vocab.json and merges.txt for the host's SDTokenizer, where the host lacks them.
+
+    The late-2024 core on PyPI (notcomfy) ships comfy/sd1_tokenizer without its vocabulary; the same
+    vocabulary is rebuilt from open_clip's BPE file (as tests/tiny_models.py does). Current ComfyUI
+    ships the files; they are used as they are (None).
+    """
+    import gzip
+    import os
+
+    import comfy.sd1_clip
+
+    shipped = pathlib.Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+    if (shipped / "vocab.json").exists():
+        return None
+    cache = pathlib.Path(os.path.expanduser("~/.cache/comfyui-dreamtuner/clip_tokenizer"))
+    if not (cache / "vocab.json").exists():
+        import open_clip
+
+        bpe = pathlib.Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        vocab = list(_bytes_to_unicode().values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+        (cache / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            source = shipped / name
+            if source.exists():
+                (cache / name).write_text(source.read_text())
+    return str(cache)
