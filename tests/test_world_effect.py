@@ -22,16 +22,12 @@ The world's own parts (files, measures, base model drawing subjects) are checked
 
 from __future__ import annotations
 
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root, for the world package
-
-from world import experiment, generator, manifest  # noqa: E402
+from world import experiment, generator, manifest  # the repo root is on sys.path (conftest.py)
 
 SUBJECTS = 6
 SEEDS = 2

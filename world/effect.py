@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import pathlib
 import time
 
 import numpy as np

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import pathlib
-import sys
 import tempfile
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = pathlib.Path(__file__).resolve().parent / "models"
-PACKAGE = "comfyui_dreamtuner"
 
 # SD1.x-family UNet: attention at the 16x16 latent (256 tokens) and at 8x8.
 UNET_CONFIG = dict(
@@ -63,15 +59,11 @@ def setup(threads: int = 1):
 
 
 def load_pack():
-    """The pack, imported as ComfyUI imports a custom node folder (as tests/conftest.py does)."""
-    if PACKAGE not in sys.modules:
-        setup()
-        spec = importlib.util.spec_from_file_location(
-            PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACKAGE]
+    """The pack, imported as ComfyUI imports a custom node folder, under its one import name."""
+    from dreamtuner_devtools import pack
+
+    pack.cpu_unless_cuda()
+    return pack.load()
 
 
 def nodes():
@@ -176,48 +168,12 @@ def world_models():
     return unet, vae, clip
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def clip_tokenizer_dir():
-    """CLIP's vocab.json and merges.txt for the host's SDTokenizer, where the host lacks them.
+    """A folder with CLIP's vocabulary for the host's SD1 tokenizer where the installed core lacks it (the
+    tests' own helper, imported late: it imports comfy.model_management, which needs --cpu set first)."""
+    from dreamtuner_devtools import pack
 
-    The late-2024 core on PyPI (notcomfy) ships comfy/sd1_tokenizer without its vocabulary; the same
-    vocabulary is rebuilt from open_clip's BPE file (as tests/tiny_models.py does). Current ComfyUI
-    ships the files; they are used as they are (None).
-    """
-    import gzip
-    import os
+    pack.cpu_unless_cuda()
+    from dreamtuner_devtools import tiny_models
 
-    import comfy.sd1_clip
-
-    shipped = pathlib.Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
-    if (shipped / "vocab.json").exists():
-        return None
-    cache = pathlib.Path(os.path.expanduser("~/.cache/comfyui-dreamtuner/clip_tokenizer"))
-    if not (cache / "vocab.json").exists():
-        import open_clip
-
-        bpe = pathlib.Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
-        vocab = list(_bytes_to_unicode().values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
-        cache.mkdir(parents=True, exist_ok=True)
-        (cache / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-        (cache / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            source = shipped / name
-            if source.exists():
-                (cache / name).write_text(source.read_text())
-    return str(cache)
+    return tiny_models.clip_tokenizer_dir()
