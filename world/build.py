@@ -46,9 +46,8 @@ def init_weights(module, seed, scale=1.0):
 def save(tensors, name, dtype=torch.float16):
     import comfy.utils
 
-    host.MODELS.mkdir(parents=True, exist_ok=True)
-    comfy.utils.save_torch_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()},
-                                str(host.MODELS / name))
+    with host.core_files().replacing(host.MODELS / name) as partial:
+        comfy.utils.save_torch_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, partial)
 
 
 def cosine_lr(optimizer, base, step, steps, warmup=100):

@@ -40,6 +40,8 @@ VAE_PARAMS = {"ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, 
                            "dropout": 0.0}, "embed_dim": 4}
 VAE_RATIO = 2
 # SD1-style CLIP text model, width 32 (the UNet's context_dim), the real CLIP tokenizer and vocabulary.
+# Kept apart from dreamtuner_devtools.tiny_models.CLIP_TEXT_TINY (equal today) on purpose: the shipped
+# clip_text.safetensors was built with this config, which must not follow the tests' tiny model.
 CLIP_TEXT_CONFIG = {
     "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
     "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
@@ -64,6 +66,16 @@ def load_pack():
 
     pack.cpu_unless_cuda()
     return pack.load()
+
+
+def core_files():
+    """The pack's atomic writer (``dreamtuner_core.files``): a model file or the manifest is whole or absent."""
+    from dreamtuner_devtools import pack
+
+    pack.load(nodes=False)
+    from comfyui_dreamtuner.dreamtuner_core import files
+
+    return files
 
 
 def nodes():

@@ -16,7 +16,10 @@ def sha256(path: pathlib.Path) -> str:
 
 def write(names, extra=None):
     files = {name: {"sha256": sha256(MODELS / name), "bytes": (MODELS / name).stat().st_size} for name in names}
-    MANIFEST.write_text(json.dumps({"files": files, **(extra or {})}, indent=1, sort_keys=True) + "\n")
+    from . import host
+
+    with host.core_files().replacing(MANIFEST) as partial:
+        pathlib.Path(partial).write_text(json.dumps({"files": files, **(extra or {})}, indent=1, sort_keys=True) + "\n")
 
 
 def verify():
