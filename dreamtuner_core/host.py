@@ -4,9 +4,11 @@ Supported hosts: the late-2024 ``comfy`` core (``notcomfy`` 0.1.0, used in CI)
 and current ComfyUI (v0.15.1). Differences handled here:
 - current ComfyUI's attention functions take ``transformer_options`` (for
   attention overrides of other packs); the late-2024 ones reject it;
-- SageAttention ignores attention masks and xformers expands them to
-  [batch, heads, queries, keys]: the biased attention of Eq. 3 uses PyTorch's
-  SDPA in their place, every other layer keeps the host's choice.
+- the host's kernels take no per-key bias (SageAttention and FlashAttention
+  ignore or refuse masks, xformers expands them to [batch, heads, queries, keys]):
+  Eq. 3 folds its bias into the keys (``ssa/attention.py``) and runs on the
+  kernel the host selected, every layer alike. Both cores' kernels accept
+  heads-first inputs (``skip_reshape=True``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from .errors import DreamTunerInputError
 
 SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL (UNet models with self-attention)"
-_BIAS_SAFE = ("attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch")
+_FUSED = ("attention_pytorch", "attention_xformers", "attention_flash", "attention_sage", "attention3_sage")
 
 
 def attention_function():
@@ -29,17 +31,15 @@ def attention_function():
     return attention_module.optimized_attention
 
 
-def biased_attention_function():
-    """An attention function that honours an additive per-key bias without expanding it."""
-    current = attention_module.optimized_attention
-    if getattr(current, "__name__", "") in _BIAS_SAFE:
-        return current
-    return attention_module.attention_pytorch
+def kernel_name(function) -> str:
+    """The name of a host attention function (its ``__name__`` through the host's ``wrap_attn``)."""
+    return getattr(function, "__name__", type(function).__name__)
 
 
-def key_alignment(function) -> int:
-    """The multiple the key count of a biased call should have: SDPA's fused kernels want 8."""
-    return 8 if function is attention_module.attention_pytorch else 1
+def head_alignment(function) -> int:
+    """The multiple a head dimension must have for ``function``'s kernel: the fused ones (SDPA's flash and
+    memory-efficient kernels, xformers, FlashAttention, Sage) want 8; the host's own matmul kernels take any."""
+    return 8 if kernel_name(function) in _FUSED else 1
 
 
 def hook_group(base_model):

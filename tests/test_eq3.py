@@ -74,18 +74,6 @@ def test_all_background_reference_leaves_plain_attention():
     assert k_kept.shape[0] == 0
 
 
-def test_the_bias_is_per_key_and_never_queries_by_keys():
-    seen = {}
-
-    def spy(q, k, v, heads, mask=None, **kwargs):
-        seen["mask"] = mask.shape
-        return host_attention.attention_basic(q, k, v, heads, mask=mask, **kwargs)
-
-    q, k, v, k_r, v_r = random_layer(4, tokens=64, ref_tokens=48)
-    self_subject_attention(q, k, v, *reference_tokens(k_r, v_r, torch.ones(48), 2.0), heads=4, attention=spy)
-    assert seen["mask"] == (1, 1, 64 + 48)
-
-
 @pytest.mark.parametrize("hw, tokens, grid", [((8, 8), 64, (8, 8)), ((8, 8), 16, (4, 4)), ((9, 7), 20, (5, 4)),
                                               ((9, 7), 6, (3, 2)), ((9, 7), 2, (2, 1))])
 def test_token_grid_follows_stride_two_downsampling(hw, tokens, grid):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import comfy.ldm.modules.attention as host_attention
-from comfyui_dreamtuner.dreamtuner_core import host
 from comfyui_dreamtuner.dreamtuner_core.ssa.cache import RunCache
 from comfyui_dreamtuner.dreamtuner_core.references import Reference
 from comfyui_dreamtuner.dreamtuner_core.ssa.attention import reference_tokens, self_subject_attention
@@ -30,35 +29,10 @@ def test_eq3_in_half_precision_matches_float64(dtype, backend):
     q, k, v, k_r, v_r = (t.to(dtype) for t in random_layer(1, tokens=16, ref_tokens=19))
     function = getattr(host_attention, backend)
     k_kept, v_kept, bias = reference_tokens(k_r, v_r, MASK, 3.0)
-    out = self_subject_attention(q, k, v, k_kept, v_kept, bias, heads=4, attention=function,
-                                 pad_keys_to=host.key_alignment(function))
+    out = self_subject_attention(q, k, v, k_kept, v_kept, bias, heads=4, attention=function)
     assert out.dtype == dtype
     expected = dense_ssa(q.float(), k.float(), v.float(), k_r.float(), v_r.float(), MASK, 3.0, 4)
     torch.testing.assert_close(out.double(), expected, atol=tolerance(dtype, v), rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sdpa_gets_a_float_bias_aligned_to_eight_keys(dtype):
-    seen = []
-
-    def sdpa(q, k, v, heads, mask=None, **kwargs):
-        seen.append((k.shape[1], mask.shape, mask.dtype))
-        return host_attention.attention_pytorch(q, k, v, heads, mask=mask, **kwargs)
-
-    q, k, v, k_r, v_r = (t.to(dtype) for t in random_layer(2, tokens=16, ref_tokens=19))
-    kept = reference_tokens(k_r, v_r, MASK, 3.0)
-    padded = self_subject_attention(q, k, v, *kept, heads=4, attention=sdpa, pad_keys_to=8)
-    unpadded = self_subject_attention(q, k, v, *kept, heads=4, attention=sdpa, pad_keys_to=1)
-    assert seen[0] == (32, (1, 1, 32), dtype) and seen[1] == (29, (1, 1, 29), dtype)
-    # The padding keys get a bias of -inf: exactly no weight.
-    torch.testing.assert_close(padded, unpadded, atol=tolerance(dtype, v), rtol=0)
-    expected = dense_ssa(q.float(), k.float(), v.float(), k_r.float(), v_r.float(), MASK, 3.0, 4)
-    torch.testing.assert_close(padded.double(), expected, atol=tolerance(dtype, v), rtol=0)
-
-
-def test_sdpa_is_the_only_backend_that_pads():
-    assert host.key_alignment(host_attention.attention_pytorch) == 8
-    assert all(host.key_alignment(getattr(host_attention, b)) == 1 for b in BACKENDS if b != "attention_pytorch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -73,6 +47,13 @@ def test_the_run_cache_keeps_index_and_bias_in_the_attention_dtype(dtype):
     assert torch.equal(index, torch.arange(32))
     assert torch.equal(bias, torch.full((32,), torch.log(torch.tensor(3.0)).item(), dtype=dtype))
     assert cache.kept(reference, 64, like)[1] is bias  # made once for the run
+    assert not cache.bias_free(reference, 64, like)  # log 3 != 0: Eq. 3 folds the bias into the keys
+    one = Reference(latent=torch.zeros(4, 8, 8), noise=torch.zeros(4, 8, 8), mask=mask, omega_ref=1.0)
+    assert cache.bias_free(one, 64, like) and cache.bias_free(one, 16, like)  # omega_ref 1, 0/1 on both grids
+    soft = torch.zeros(8, 8)
+    soft[:3, :] = 1.0
+    soft_one = Reference(latent=torch.zeros(4, 8, 8), noise=torch.zeros(4, 8, 8), mask=soft, omega_ref=1.0)
+    assert cache.bias_free(soft_one, 64, like) and not cache.bias_free(soft_one, 16, like)  # 4x4: rows of 0.5
     off = Reference(latent=torch.zeros(4, 8, 8), noise=torch.zeros(4, 8, 8), mask=mask, omega_ref=0.0)
     index, bias = cache.kept(off, 64, like)
     assert index.numel() == 0 and bias.numel() == 0  # omega_ref = 0 attends no reference token

@@ -11,6 +11,13 @@ before the attention call, which is exact (``exp(-inf) = 0``) and saves their
 memory. The bias is one value per key token, broadcast over queries and heads:
 no ``[queries x keys]`` mask is ever built here.
 
+The host's attention kernels (sub-quadratic, split, SDPA, xformers, FlashAttention,
+Sage: whatever ``--use-*-attention`` selected) take no per-key bias, so the bias is
+folded into the keys (:func:`fold_bias_into_keys`): one more head dimension, 1 in
+every query and ``sqrt(d') * log m`` in every key, the queries scaled by
+``sqrt(d'/d)`` for the kernel's ``1/sqrt(d')``. Eq. 3 is then plain attention over
+the concatenated keys, computed by the same kernel as every unpatched layer.
+
 Which tokens are kept and their bias depend only on the mask, ``omega_ref``
 and the layer's token grid, so :func:`kept_reference_tokens` runs once per
 reference and grid (on the CPU, where the mask lives); the reference pass
@@ -18,6 +25,8 @@ keeps its result on the device, in the attention's dtype, for the whole run.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,18 +59,49 @@ def reference_tokens(k_r: torch.Tensor, v_r: torch.Tensor, m_r: torch.Tensor, om
     return select_tokens(k_r, index), select_tokens(v_r, index), bias.to(k_r.device)
 
 
+def head_alignment(attention) -> int:
+    """The multiple the head dimension of a folded call is padded to (see :func:`fold_bias_into_keys`)."""
+    return host.head_alignment(attention)
+
+
+def fold_bias_into_keys(q, keys, values, bias, heads, align=1):
+    """q, keys, values in the host's heads-first layout, with the per-key bias carried by one more dimension.
+
+    q: [B, N, h*d]; keys, values: [B, K, h*d]; bias: [K] (0 for the image's own keys).
+    Returns [B, h, N, d'], [B, h, K, d'], [B, h, K, d'] with ``d' = d + 1`` rounded up to ``align``:
+    the queries get ``sqrt(d'/d) * q`` and a constant 1 in dimension ``d``, the keys get ``sqrt(d') * bias``
+    there, the rest is zero. A kernel that scales by ``1/sqrt(d')`` then computes
+    ``q.k / sqrt(d) + bias`` for every (query, key): Eq. 3 as plain attention. The values' extra
+    dimensions are zero, so the output's first ``d`` dimensions per head are Eq. 3's.
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    padded = -(-(d + 1) // align) * align
+    kq, kk = q.new_zeros(b, heads, n, padded), keys.new_zeros(b, heads, keys.shape[1], padded)
+    kq[..., :d] = q.view(b, n, heads, d).transpose(1, 2) * math.sqrt(padded / d)  # differentiable (fine-tune)
+    kq[..., d] = 1.0
+    kk[..., :d] = keys.view(b, -1, heads, d).transpose(1, 2)
+    kk[..., d] = bias.to(keys.dtype) * math.sqrt(padded)
+    kv = values.new_zeros(b, heads, values.shape[1], padded)
+    kv[..., :d] = values.view(b, -1, heads, d).transpose(1, 2)
+    return kq, kk, kv
+
+
 def self_subject_attention(q, k, v, k_ref, v_ref, log_m_ref, heads, attention=None, pad_keys_to=1,
-                           **attention_kwargs):
-    """Eq. 3 for a batch of generated items that share the same reference tokens.
+                           bias_free=None, pad_head_to=None, **attention_kwargs):
+    """Eq. 3 for a batch of generated items that share the same reference tokens, on the host's kernel.
 
     q, k, v: [B, N, inner] the layer's own projections of the generated items.
     k_ref, v_ref: [N_ref, inner] the kept reference tokens (every reference that
         feeds this layer, concatenated); log_m_ref: [N_ref], ``log(omega_ref * m^r)``.
-    attention: the host's attention function (``optimized_attention`` by default),
-        called with an additive per-key bias of shape [1, 1, N + N_ref (+ padding)].
-    pad_keys_to: pad the key count to a multiple of this with keys whose bias is
-        ``-inf`` (exactly no weight): PyTorch's fused SDPA kernels want the bias's
-        key length aligned to 8 in half precision.
+    attention: the host's attention function (``optimized_attention`` by default: whatever kernel
+        the host selected, which takes no bias). The bias is folded into the keys
+        (:func:`fold_bias_into_keys`) and the kernel computes plain attention over the concatenated keys.
+    pad_keys_to: pad the key count to a multiple of this with keys of bias ``-inf`` (exactly no weight).
+    bias_free: True when every ``log_m_ref`` is 0 (``omega_ref * m^r = 1``): no fold, the kernel runs
+        on the concatenated keys as they are. None: read from ``log_m_ref`` (a device sync off the CPU).
+    pad_head_to: the multiple the folded head dimension is padded to (default: what the kernel needs,
+        :func:`host.head_alignment`, 8 for the fused kernels).
     """
     if attention is None:
         attention = host.attention_function()
@@ -70,11 +110,18 @@ def self_subject_attention(q, k, v, k_ref, v_ref, log_m_ref, heads, attention=No
         return attention(q, k, v, heads, **attention_kwargs)
     keys = [k, k_ref.to(k.dtype).unsqueeze(0).expand(batch, -1, -1)]
     values = [v, v_ref.to(v.dtype).unsqueeze(0).expand(batch, -1, -1)]
-    bias = [q.new_zeros(own_tokens), log_m_ref.to(q.dtype)]
     pad = -(own_tokens + k_ref.shape[0]) % pad_keys_to
+    if bias_free is None:
+        bias_free = not bool(torch.count_nonzero(log_m_ref))
+    if bias_free and not pad:
+        return attention(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), heads, **attention_kwargs)
+    bias = [q.new_zeros(own_tokens), log_m_ref.to(q.dtype)]
     if pad:
         keys.append(k.new_zeros(batch, pad, k.shape[2]))
         values.append(v.new_zeros(batch, pad, v.shape[2]))
         bias.append(q.new_full((pad,), float("-inf")))
-    mask = torch.cat(bias).view(1, 1, -1)
-    return attention(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), heads, mask=mask, **attention_kwargs)
+    align = head_alignment(attention) if pad_head_to is None else pad_head_to
+    fq, fk, fv = fold_bias_into_keys(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(bias), heads, align)
+    out = attention(fq, fk, fv, heads, skip_reshape=True, **attention_kwargs)
+    b, n, inner = q.shape
+    return out.view(b, n, heads, -1)[..., :inner // heads].reshape(b, n, inner)

@@ -24,10 +24,17 @@ class ReferenceFeatures:
         self.text = text  # the text the references without their own caption were passed with
         self._parts = {}
         self._joined = {}
+        self._bias_free = {}
 
-    def add(self, layer, k, v, bias):
+    def add(self, layer, k, v, bias, bias_free=False):
+        """bias_free: every bias of this part is 0 (``omega_ref * m^r = 1``), known without reading ``bias``."""
         self._parts.setdefault(layer, []).append((k, v, bias))
+        self._bias_free[layer] = self._bias_free.get(layer, True) and bool(bias_free)
         self._joined.pop(layer, None)
+
+    def bias_free(self, layer) -> bool:
+        """Whether every reference bias of ``layer`` is 0 (Eq. 3 is then attention over the joined keys as they are)."""
+        return self._bias_free.get(layer, False)
 
     def get(self, layer):
         """(k_ref, v_ref, log_m_ref) of every reference feeding ``layer``, or ``None``."""
@@ -57,14 +64,14 @@ class RunCache:
 
     def __init__(self):
         self.sigma, self.run, self.levels, self.positive_context = None, None, {}, None
-        self._kept = {}
+        self._kept, self._bias_free = {}, {}
         self.bypassed = False  # the attention replacement ran without this pack's model wrapper
 
     def for_step(self, sigma: float, run=None, hooks=None):
         """The features of this evaluation's step for the conditionings that run with ``hooks``."""
         if run is not self.run or (self.sigma is not None and sigma > self.sigma):
             self.positive_context = None
-            self._kept = {}
+            self._kept, self._bias_free = {}, {}
         if sigma != self.sigma or run is not self.run:
             self.sigma, self.run, self.levels = sigma, run, {}
         return self.levels.setdefault(hooks, {})
@@ -77,7 +84,14 @@ class RunCache:
             index, bias = kept_reference_tokens(reference.token_mask(tokens), reference.omega_ref)
             kept = (None if index is None else index.to(like.device), bias.to(device=like.device, dtype=like.dtype))
             self._kept[key] = kept
+            self._bias_free[key] = not bool(bias.to(like.dtype).any())
         return kept
+
+    def bias_free(self, reference, tokens: int, like: torch.Tensor) -> bool:
+        """Whether every kept token of ``reference`` on this grid has bias 0 (``omega_ref * m^r = 1``),
+        read on the CPU when :meth:`kept` made the bias (no device sync)."""
+        self.kept(reference, tokens, like)
+        return self._bias_free[(id(reference), tokens, like.device, like.dtype)]
 
     def end_evaluation(self):
         """Drop the evaluation's features (their memory is the size of a UNet forward's keys/values)."""

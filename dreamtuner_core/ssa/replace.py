@@ -1,4 +1,8 @@
-"""The ``attn1`` replacement: records the reference rows' keys/values, applies Eq. 3 to the generated rows."""
+"""The ``attn1`` replacement: records the reference rows' keys/values, applies Eq. 3 to the generated rows.
+
+Every row runs on the attention kernel the host selected (``optimized_attention``): Eq. 3's bias is
+folded into the keys (``attention.fold_bias_into_keys``), so no layer leaves the host's kernel.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +33,6 @@ class SelfSubjectAttentionReplace(PackPatch):
                                                                  for r in state.references):
                 state.cache.bypassed = True  # named by the post-CFG hook, which sees the model's options
             return attention(q, k, v, heads, **kwargs)
-        biased = host.biased_attention_function()
-        biased_kwargs = dict(host.attention_kwargs(biased, extra_options), pad_keys_to=host.key_alignment(biased))
         layer = layer_key(extra_options)
         n, groups = call.n_generated, call.groups
         if q.shape[0] != k.shape[0] and k.numel() % (q.shape[0] * k.shape[-1]) == 0:
@@ -45,20 +47,22 @@ class SelfSubjectAttentionReplace(PackPatch):
         # conditioning, and the reference rows themselves) share one plain attention call.
         runs = []
         for start, end, sigma in groups + [(n, q.shape[0], None)]:
-            features = call.levels[sigma].get(layer) if sigma is not None else None
+            level = call.levels[sigma] if sigma is not None else None
+            features = level.get(layer) if level is not None else None
             if end == start:
                 continue
             if runs and features is None and runs[-1][2] is None and runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], end, None)
+                runs[-1] = (runs[-1][0], end, None, None)
             else:
-                runs.append((start, end, features))
+                runs.append((start, end, features, features is not None and level.bias_free(layer)))
         outputs = []
-        for start, end, features in runs:
+        for start, end, features, bias_free in runs:
             qs, ks, vs = q[start:end], k[start:end], v[start:end]
             if features is None:
                 outputs.append(attention(qs, ks, vs, heads, **kwargs))
-            else:
-                outputs.append(self_subject_attention(qs, ks, vs, *features, heads, biased, **biased_kwargs))
+            else:  # Eq. 3 on the same kernel, its bias folded into the keys
+                outputs.append(self_subject_attention(qs, ks, vs, *features, heads, attention, bias_free=bias_free,
+                                                      **kwargs))
         return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 
     @staticmethod
@@ -93,4 +97,5 @@ class SelfSubjectAttentionReplace(PackPatch):
             if reference.feeds(layer):
                 row = call.n_generated + offset
                 index, bias = cache.kept(reference, k.shape[1], k)
-                call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias)
+                call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias,
+                                       bias_free=cache.bias_free(reference, k.shape[1], k))
