@@ -15,6 +15,14 @@ seed, steps and size for every variant. Prints ratios against plain sampling.
 
     python benchmarks/ssa_benchmark.py                 # 256x256 px, 10 steps (CPU figures in README)
     python benchmarks/ssa_benchmark.py --size 512      # GPU figures
+    python benchmarks/ssa_benchmark.py --attention all # the host's default and each of its attention flags
+
+Attention: the host selects its kernel at import from its command line, as a server started with
+``--use-split-cross-attention`` (and the others) does; ``--attention`` passes that flag to the host's own
+selection (``all``: one process per flag this core has, in turn). Every layer, patched or not, runs
+on the selected kernel. Ratios: each repeat times every variant once, in turn, and the ratio of a
+variant is taken to the plain run of the same repeat; reported as their median and spread
+((max - min) / median), next to the fastest times. On a shared CPU, paired ratios are what count.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
 process's resident memory, sampled every 2 ms, as peak during sampling (which
@@ -35,19 +43,47 @@ sys.path.append(str(ROOT))  # after ComfyUI's own modules
 
 from dreamtuner_devtools import pack  # noqa: E402
 
-pack.cpu_unless_cuda()
-pack.load()  # the pack as ComfyUI loads it
-from dreamtuner_devtools import tiny_models as tm  # noqa: E402
-from peak_memory import PeakMemory  # noqa: E402  (beside this script)
-
-from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET  # noqa: E402
-from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved  # noqa: E402
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import EncoderConfig, SubjectEncoder, attention_layout  # noqa: E402
-from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import apply_subject_encoder  # noqa: E402
-from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch  # noqa: E402
-
+# --attention value -> the host's command-line flag (comfy/cli_args.py) that selects the kernel.
+ATTENTION_FLAGS = {
+    "default": None,
+    "split": "use_split_cross_attention",
+    "quad": "use_quad_cross_attention",
+    "pytorch": "use_pytorch_cross_attention",
+    "sage": "use_sage_attention",
+    "flash": "use_flash_attention",
+}
 
 
+def offered_flags():
+    """The --attention values this core's command line has (late-2024 cores have no sage/flash flags)."""
+    import comfy.cli_args
+
+    return [name for name, flag in ATTENTION_FLAGS.items() if flag is None or hasattr(comfy.cli_args.args, flag)]
+
+
+def select_attention(name):
+    """Set the host's attention flag before its attention module is imported (as ComfyUI's argv would)."""
+    import comfy.cli_args
+
+    flag = ATTENTION_FLAGS[name]
+    if flag is not None:
+        if not hasattr(comfy.cli_args.args, flag):
+            raise SystemExit(f"--attention {name}: this comfy core has no --{flag.replace('_', '-')} flag")
+        setattr(comfy.cli_args.args, flag, True)
+    pack.cpu_unless_cuda()
+    pack.load()  # the pack as ComfyUI loads it
+    import comfy.ldm.modules.attention as host_attention
+
+    return host_attention.optimized_attention.__name__
+
+
+def run_every_flag(argv):
+    """One process per attention flag of this core, in turn; each prints its own table."""
+    import subprocess
+
+    for name in offered_flags():
+        print(f"=== --attention {name}", flush=True)
+        subprocess.run([sys.executable, __file__, *argv, "--attention", name], check=False)
 
 
 def another_packs_patch(out, extra_options):
@@ -62,7 +98,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (fastest and spread shown)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="UNet dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--attention", default="default", choices=[*ATTENTION_FLAGS, "all"],
+                        help="the host's attention flag (its own selection); 'all': each flag this core has")
+    parser.add_argument("--variants", default="plain,encoder,ssa,ssa-apart,ssa+icfg",
+                        help="comma-separated subset of plain, encoder, ssa, ssa-apart, ssa+icfg (plain always runs)")
     args = parser.parse_args()
+    if args.attention == "all":
+        argv = [a for a in sys.argv[1:] if a != "all" and not a.startswith("--attention")]
+        return run_every_flag(argv)
+    kernel = select_attention(args.attention)
+    from dreamtuner_devtools import tiny_models as tm
+    from peak_memory import PeakMemory  # beside this script
+
+    from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET
+    from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved
+    from comfyui_dreamtuner.dreamtuner_core.subject_encoder.model import EncoderConfig, SubjectEncoder, attention_layout
+    from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import apply_subject_encoder
+    from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -85,11 +137,13 @@ def main():
 
     # A subject encoder shaped for this UNet, with random ("trained") weights; CLIP vision with ViT-H/14's
     # 257 tokens (its width does not change the per-step cost: SE(r) is encoded once per run).
-    clip_vision = tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14)
-    context_dim, attention = attention_layout(model)
-    encoder = SubjectEncoder(EncoderConfig("sd15", context_dim, 64, attention=attention)).initialise_untrained(0)
-    tm.init_weights(encoder, 5)
-    with_encoder, _ = apply_subject_encoder(model, encoder, clip_vision, tm.image(6, 256, 256), beta=0.2)
+    with_encoder = None
+    if "encoder" in args.variants.split(","):  # built only when measured (memory)
+        clip_vision = tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14)
+        context_dim, attention = attention_layout(model)
+        encoder = SubjectEncoder(EncoderConfig("sd15", context_dim, 64, attention=attention)).initialise_untrained(0)
+        tm.init_weights(encoder, 5)
+        with_encoder, _ = apply_subject_encoder(model, encoder, clip_vision, tm.image(6, 256, 256), beta=0.2)
 
     other_pack = patched.clone()
     other_pack.set_model_attn1_output_patch(another_packs_patch)
@@ -101,6 +155,11 @@ def main():
         "ssa-apart": lambda steps: tm.sample(other_pack, pos, neg, latent, steps=steps, cfg=7.0),
         "ssa+icfg": interleaved,
     }
+    wanted = {"plain", *args.variants.split(",")}
+    unknown = wanted - set(variants)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose among {list(variants)}")
+    variants = {name: run for name, run in variants.items() if name in wanted}
 
     counter = tm.UNetItemCounter(model)
     results = {}
@@ -125,15 +184,16 @@ def main():
     plain_times, plain_peak = sorted(results["plain"]["times"]), max(results["plain"]["peaks"])
     plain_rise = max(max(results["plain"]["rises"]), 1)
     print(f"device={device.type} dtype={str(dtype).split('.')[-1]} size={args.size}px steps={args.steps} "
-          f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__}")
+          f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"attention={args.attention} kernel={kernel}")
     for name, r in results.items():
         times, p, rise = sorted(r["times"]), max(r["peaks"]), max(r["rises"])
-        median = times[len(times) // 2]
-        print(f"{name:9s} time {times[0]:8.2f}s ({times[0] / plain_times[0]:.2f}x)  "
-              f"median {median / plain_times[len(plain_times) // 2]:.2f}x  spread {times[0]:.1f}-{times[-1]:.1f}s  "
-              f"peak {p / 2**20:9.0f} MiB ({p / plain_peak:.3f}x)  "
-              f"rise {rise / 2**20:7.0f} MiB ({rise / plain_rise:.2f}x)  "
-              f"UNet items/step {r['items_per_step']}")
+        ratios = sorted(t / plain for t, plain in zip(r["times"], results["plain"]["times"]))
+        median = ratios[len(ratios) // 2]
+        print(f"{name:9s} ratio {median:.2f}x (paired, median; spread {(ratios[-1] - ratios[0]) / median:5.1%}, "
+              f"{ratios[0]:.2f}-{ratios[-1]:.2f})  fastest {times[0]:7.2f}s ({times[0] / plain_times[0]:.2f}x)  "
+              f"peak {p / 2**20:7.0f} MiB ({p / plain_peak:.3f}x)  rise {rise / 2**20:6.0f} MiB "
+              f"({rise / plain_rise:.2f}x)  UNet items/step {r['items_per_step']}")
 
 
 if __name__ == "__main__":

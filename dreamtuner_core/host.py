@@ -75,6 +75,15 @@ def _accepts_transformer_options(function) -> bool:
     return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options" for p in parameters)
 
 
+@functools.lru_cache(maxsize=None)
+def accepts_skip_output_reshape(function) -> bool:
+    """Whether ``function`` (a host kernel) can return heads-first output (current ComfyUI; not late 2024)."""
+    try:
+        return "skip_output_reshape" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def attention_kwargs(function, extra_options):
     """Keyword arguments the host's own CrossAttention passes to ``function``."""
     kwargs = {"attn_precision": extra_options.get("attn_precision")}

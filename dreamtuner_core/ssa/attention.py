@@ -122,6 +122,9 @@ def self_subject_attention(q, k, v, k_ref, v_ref, log_m_ref, heads, attention=No
         bias.append(q.new_full((pad,), float("-inf")))
     align = head_alignment(attention) if pad_head_to is None else pad_head_to
     fq, fk, fv = fold_bias_into_keys(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(bias), heads, align)
-    out = attention(fq, fk, fv, heads, skip_reshape=True, **attention_kwargs)
     b, n, inner = q.shape
+    if host.accepts_skip_output_reshape(attention):  # current ComfyUI: [B, h, N, d'] out, one copy less
+        out = attention(fq, fk, fv, heads, skip_reshape=True, skip_output_reshape=True, **attention_kwargs)
+        return out[..., :inner // heads].transpose(1, 2).reshape(b, n, inner)
+    out = attention(fq, fk, fv, heads, skip_reshape=True, **attention_kwargs)
     return out.view(b, n, heads, -1)[..., :inner // heads].reshape(b, n, inner)
