@@ -57,6 +57,7 @@ class RunCache:
 
     def __init__(self):
         self.sigma, self.run, self.levels, self.positive_context = None, None, {}, None
+        self.positive_extras = {}  # the positive's other per-item inputs (pooled text, Flux's guidance)
         self._kept = {}
         self.bypassed = False  # the attention replacement ran without this pack's model wrapper
 
@@ -64,6 +65,7 @@ class RunCache:
         """The features of this evaluation's step for the conditionings that run with ``hooks``."""
         if run is not self.run or (self.sigma is not None and sigma > self.sigma):
             self.positive_context = None
+            self.positive_extras = {}
             self._kept = {}
         if sigma != self.sigma or run is not self.run:
             self.sigma, self.run, self.levels = sigma, run, {}
