@@ -53,13 +53,6 @@ class SelfSubjectAttentionPatch:
                     "Which UNet self-attention layers read the reference: 'all', or a comma list of "
                     "kinds (input, middle, output), blocks (output.4) or layers (output.4.1). Flux: double, "
                     "single, double.3, single.10-20; SD3: joint, joint.5-12.")}),
-                "positions": (["offset", "shared"], {"default": "offset", "tooltip": (
-                    "Flux only (UNets and SD3 carry their positions in the tokens): the rotary positions of "
-                    "the reference's tokens. 'offset' places the reference beside the generated image, past "
-                    "its bottom-right corner (and on index 1, as the host marks Kontext reference images): no "
-                    "generated token shares a row or column position with the reference, so the subject is "
-                    "not pulled to where it sits in the reference (no ghosting). 'shared' gives the reference "
-                    "the generated grid's positions: its layout pulls the subject to the same place.")}),
                 "reference_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
                     "Seed of the noise added to the reference; the same noise is used at every step.")}),
             },
@@ -75,6 +68,8 @@ class SelfSubjectAttentionPatch:
     def patch(self, model, reference, omega_ref, start_percent, end_percent, reference_mask=None,
               mask_mode=MASK_SUBJECT_IS_ONE, reference_conditioning=None, blocks="all", reference_seed=0,
               positions="offset"):
+        # positions: Flux's reference positions, 'offset' (see dreamtuner_core/ssa/joint.py). Not a widget yet:
+        # a new widget changes the six shipped workflows and their recorded frontend conversions.
         context = reference_conditioning[0][0] if reference_conditioning else None
         return (apply_self_subject_attention(
             model, reference["samples"], omega_ref=omega_ref, reference_mask=reference_mask,

@@ -224,3 +224,120 @@ def test_flux_on_a_core_without_attention_overrides_is_refused_clearly():
     with pytest.raises(DreamTunerInputError, match=r"Flux.*needs a ComfyUI whose transformer blocks pass "
                                                    r"'optimized_attention_override'.*Update ComfyUI"):
         ssa(tm.build("flux", unet_config=FLUX_DEV_TINY), tm.latent(5, channels=16))
+
+
+# ---- SD3 / SD3.5 (MMDiT) -----------------------------------------------------------------------------------
+
+SD3_TINY = dict(
+    in_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16, num_patches=256,
+    pos_embed_scaling_factor=None, qk_norm="rms", x_block_self_attn=True, x_block_self_attn_layers=[0],
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    """A tiny SD3.5-medium-shaped MMDiT (QK RMS-norm, the image-only second attention in block 0)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD3(dict(SD3_TINY))
+    model = config.get_model({}, device="cpu")
+    tm.init_weights(model.diffusion_model, 0)
+    model.diffusion_model.to(torch.float32)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def sd3_conditioning(seed, tokens=6):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 32, generator=generator), {"pooled_output": torch.randn(1, 32, generator=generator)}]]
+
+
+def sample_sd3(model, cfg=3.0, steps=2):
+    return tm.sample(model, sd3_conditioning(1), sd3_conditioning(2), tm.latent(0, 8, 8, channels=16),
+                     cfg=cfg, steps=steps)
+
+
+@needs_overrides
+def test_sd3_omega_zero_is_plain_and_a_reference_of_any_size_changes_the_sample(sd3):
+    plain = sample_sd3(sd3)
+    assert torch.equal(sample_sd3(ssa(sd3, tm.latent(5, 8, 8, channels=16), omega_ref=0.0)), plain)
+    for shape in ((8, 8), (6, 10)):
+        assert (sample_sd3(ssa(sd3, tm.latent(5, *shape, channels=16))) - plain).abs().max() > 1e-2, shape
+
+
+@needs_overrides
+def test_sd3_eq3_in_a_block_against_a_dense_softmax(sd3):
+    """SD3 has no rotary positions: the reference's keys are its own block projections, unrotated."""
+    generator = torch.Generator().manual_seed(4)
+    heads, dim, text, image = 2, 16, 3, 6
+    q, k, v = (torch.randn(2, text + image, heads * dim, generator=generator) for _ in range(3))
+    mask = torch.ones(4, 6)
+    mask[:, 4:] = 0.0
+    reference = Reference(latent=torch.zeros(16, 4, 6), noise=torch.zeros(16, 4, 6), mask=mask, omega_ref=2.5)
+    call = CallPlan(1, [(0, 1, 0.5)], [(0.5, reference)], {0.5: ReferenceFeatures()}, RunCache())
+    override = JointAttention(("double_block", 1), text, call, None, {id(reference): "offset"}, (4, 6), None)
+    out = override(host_attention.attention_basic, q, k, v, heads=heads)
+    split = lambda t: t.reshape(t.shape[0], heads, dim).transpose(0, 1)  # noqa: E731
+    kept = torch.tensor([0, 1, 3, 4]) + text  # the 2x3 token grid without its last column
+    keys = torch.cat([split(k[0]), split(k[1])[:, kept]], dim=1)
+    values = torch.cat([split(v[0]), split(v[1])[:, kept]], dim=1)
+    bias = torch.cat([torch.zeros(text + image), torch.full((4,), math.log(2.5))])
+    expected = torch.cat([dense(split(q[0])[:, :text], split(k[0]), split(v[0]), torch.zeros(text + image)),
+                          dense(split(q[0])[:, text:], keys, values, bias)], dim=1).transpose(0, 1).reshape(text + image, -1)
+    assert_rounding_close(out[0], expected, reduction=keys.shape[1], dtype=torch.float32)
+
+
+@needs_overrides
+def test_sd3_blocks_are_named_joint(sd3):
+    patched = ssa(sd3, tm.latent(5, channels=16), blocks="joint.1")
+    assert sorted(patched.model_options["transformer_options"]["patches_replace"]["dit"]) == [("double_block", 1)]
+    with pytest.raises(DreamTunerInputError, match=r"blocks: 'double.1' names no joint-attention block.*joint"):
+        ssa(sd3, tm.latent(5, channels=16), blocks="double.1")
+
+
+@pytest.mark.skipif(HAS_OVERRIDES, reason="current ComfyUI has attention overrides: SD3 is supported there")
+def test_sd3_on_a_core_without_attention_overrides_is_refused_clearly(sd3):
+    with pytest.raises(DreamTunerInputError, match=r"SD3.*needs a ComfyUI whose transformer blocks pass"):
+        ssa(sd3, tm.latent(5, channels=16))
+
+
+# ---- interleaved guidance on a guidance-distilled Flux (CFG 1) ----------------------------------------------
+
+def guided(model, p_r, w_r, cfg=1.0, steps=2):
+    from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved
+    latent = {"samples": tm.latent(0, 8, 8, channels=16)}
+    out, guider = sample_interleaved(model, 1, steps, cfg, "euler", "normal", flux_conditioning(1),
+                                     flux_conditioning(2), latent, w_r=w_r, p_r=p_r, disable_pbar=True)
+    return out["samples"], guider
+
+
+@needs_overrides
+def test_distilled_guidance_costs_and_reductions(flux):
+    """At CFG 1, Eq. 5 is the positive alone and Eq. 4 at w_r = 1 too: both are the host's CFG 1 on the
+    patched model, bit for bit, at one generated row (plus the reference row) per step; Eq. 4 with
+    w_r = 2 adds the row without the reference and changes the sample."""
+    model = ssa(flux, tm.latent(5, 8, 8, channels=16))
+    host_cfg1 = sample(model, cfg=1.0)
+    for p_r, w_r in ((0.0, -1.0), (1.0, 1.0)):
+        counter = tm.UNetItemCounter(flux)
+        samples, _ = guided(model, p_r, w_r)
+        counter.close()
+        assert torch.equal(samples, host_cfg1)
+        assert counter.items == [2, 2]  # generated row + reference row
+    counter = tm.UNetItemCounter(flux)
+    samples, guider = guided(model, 1.0, 2.0)
+    counter.close()
+    assert guider.choices == [4, 4] and counter.items == [3, 3]  # + the prompt without the reference
+    assert (samples - host_cfg1).abs().max() > 1e-2
+
+
+@needs_overrides
+def test_eq4_on_a_distilled_model_is_the_weighted_difference_of_its_two_evaluations(flux):
+    """One Euler step from sigma 1 to 0 returns the prediction D itself, and D = 2 D_ref - D_none."""
+    model = ssa(flux, tm.latent(5, 8, 8, channels=16))
+    samples, _ = guided(model, 1.0, 2.0, steps=1)
+    with_ref = sample(model, cfg=1.0, steps=1)
+    without = sample(flux, cfg=1.0, steps=1)  # the same model without the reference (Eq. 4's "none")
+    assert_network_outputs_close(samples, 2.0 * with_ref - without, flux.model.diffusion_model,
+                                 magnitude=float(with_ref.abs().max()) * 3)

@@ -292,6 +292,8 @@ class JointAttention:
         if split:
             batch, _, tokens, _ = q.shape
             q, k, v = (t.transpose(1, 2).reshape(batch, tokens, -1) for t in (q, k, v))
+        else:  # [B, N, inner]; SD3 hands its values as [B, N, heads, dim]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         plain_kwargs = dict(kwargs, skip_reshape=False, skip_output_reshape=False)
         out = self._attend(func, q, k, v, heads, plain_kwargs, kwargs.get("attn_precision"))
         if kwargs.get("skip_output_reshape", False):
