@@ -341,3 +341,40 @@ def test_eq4_on_a_distilled_model_is_the_weighted_difference_of_its_two_evaluati
     without = sample(flux, cfg=1.0, steps=1)  # the same model without the reference (Eq. 4's "none")
     assert_network_outputs_close(samples, 2.0 * with_ref - without, flux.model.diffusion_model,
                                  magnitude=float(with_ref.abs().max()) * 3)
+
+
+def write_flux_lora(path, model, rank=4, seed=12):
+    """A random-weight LoRA in kohya's Flux layout (``lora_unet_double_blocks_0_img_attn_qkv``, ...) on
+    the joint attention's projections, written as the host writes safetensors."""
+    import comfy.lora
+    import comfy.utils
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = model.model.state_dict()
+    tensors = {}
+    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if not key.startswith("lora_unet_") or not key.endswith(("_attn_qkv", "_linear1")):
+            continue
+        out_features, in_features = weights[target].shape
+        tensors[f"{key}.lora_up.weight"] = torch.randn((out_features, rank), generator=generator) * 0.1
+        tensors[f"{key}.lora_down.weight"] = torch.randn((rank, in_features), generator=generator) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    comfy.utils.save_torch_file(tensors, str(path))
+    return path
+
+
+@needs_overrides
+def test_a_flux_lora_from_the_host_loader_in_either_order(flux, tmp_path):
+    """The reference pass runs with the LoRA's weights too: the LoRA before or after the node is the same."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(str(write_flux_lora(tmp_path / "flux_lora.safetensors", flux)), safe_load=True)
+    assert any("double_blocks_0_img_attn_qkv" in k for k in lora) and any("single_blocks_1_linear1" in k for k in lora)
+    reference = tm.latent(5, 8, 8, channels=16)
+    with_lora, _ = comfy.sd.load_lora_for_models(flux, None, lora, 1.0, 0.0)
+    before = sample(ssa(with_lora, reference), cfg=3.0)
+    after = sample(comfy.sd.load_lora_for_models(ssa(flux, reference), None, lora, 1.0, 0.0)[0], cfg=3.0)
+    assert torch.equal(before, after)
+    assert (before - sample(ssa(flux, reference), cfg=3.0)).abs().max() > 1e-2, "the LoRA acts"
+    assert (before - sample(with_lora, cfg=3.0)).abs().max() > 1e-2, "the reference acts"
