@@ -13,7 +13,9 @@ GUIDANCE_INPUTS = {
     "w_r": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
         "-1: same as cfg (the paper's setting). Otherwise the reference guidance scale w_r (Eq. 4): how "
         "strongly self-subject-attention pulls toward the subject, against the same prompt without it. "
-        "1 = no extra pull; values below 1 weaken the reference, 0 removes it in Eq. 4 steps.")}),
+        "1 = no extra pull; values below 1 weaken the reference, 0 removes it in Eq. 4 steps. "
+        "Guidance-distilled models (Flux dev, sampled at cfg 1): -1 means 1 there, so give w_r itself "
+        "(e.g. 2): each Eq. 4 step then costs one more row, the prompt without the reference.")}),
     "p_r": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
         "Probability of using reference guidance (Eq. 4) at a step; otherwise text guidance (Eq. 5) "
         "is used, drawn once per sampler step (all model evaluations of a Heun or DPM2 step use the same "

@@ -13,7 +13,9 @@ class SelfSubjectAttentionPatch:
         "DreamTuner self-subject-attention: every self-attention layer of the UNet also attends to the "
         "reference image's features (noised to the current step and passed through the same UNet), so "
         "the generated image takes on the subject's appearance. Training-free; wire it between the "
-        "checkpoint loader (and LoRAs) and the sampler. Supports SD1.x, SD2.x and SDXL."
+        "checkpoint loader (and LoRAs) and the sampler. Supports SD1.x, SD2.x and SDXL, and (on a current "
+        "ComfyUI) Flux.1 and SD3/SD3.5, where the generated image tokens of each joint-attention block read the "
+        "reference's image tokens; text tokens are unchanged."
     )
 
     @classmethod
@@ -49,7 +51,8 @@ class SelfSubjectAttentionPatch:
                     "the positive prompt being sampled is used, and cond and uncond share one reference pass.")}),
                 "blocks": ("STRING", {"default": "all", "multiline": False, "tooltip": (
                     "Which UNet self-attention layers read the reference: 'all', or a comma list of "
-                    "kinds (input, middle, output), blocks (output.4) or layers (output.4.1).")}),
+                    "kinds (input, middle, output), blocks (output.4) or layers (output.4.1). Flux: double, "
+                    "single, double.3, single.10-20; SD3: joint, joint.5-12.")}),
                 "reference_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
                     "Seed of the noise added to the reference; the same noise is used at every step.")}),
             },
@@ -63,9 +66,12 @@ class SelfSubjectAttentionPatch:
     CATEGORY = CATEGORY
 
     def patch(self, model, reference, omega_ref, start_percent, end_percent, reference_mask=None,
-              mask_mode=MASK_SUBJECT_IS_ONE, reference_conditioning=None, blocks="all", reference_seed=0):
+              mask_mode=MASK_SUBJECT_IS_ONE, reference_conditioning=None, blocks="all", reference_seed=0,
+              positions="offset"):
+        # positions: Flux's reference positions, 'offset' (see dreamtuner_core/ssa/joint.py). Not a widget yet:
+        # a new widget changes the six shipped workflows and their recorded frontend conversions.
         context = reference_conditioning[0][0] if reference_conditioning else None
         return (apply_self_subject_attention(
             model, reference["samples"], omega_ref=omega_ref, reference_mask=reference_mask,
             mask_mode=mask_mode, reference_context=context, start_percent=start_percent,
-            end_percent=end_percent, blocks=blocks, seed=reference_seed),)
+            end_percent=end_percent, blocks=blocks, seed=reference_seed, positions=positions),)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import comfy.model_patcher
 
 from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
@@ -61,9 +62,17 @@ def test_unknown_blocks_list_the_valid_names(model):
 
 
 def test_an_unsupported_model_family_names_the_supported_ones():
-    flux = tm.build("flux")
-    with pytest.raises(DreamTunerInputError, match=r"Flux.*Supported: SD1.x, SD2.x and SDXL"):
-        ssa(flux, tm.latent(1, channels=16))
+    """AuraFlow, another DiT of the host's, built tiny through its real classes (on the meta device: only
+    its class is read)."""
+    import comfy.supported_models
+
+    config = comfy.supported_models.AuraFlow(dict(cond_seq_dim=32, dim=32, n_layers=1, n_double_layers=1,
+                                                  n_heads=2, global_conddim=32, max_seq=16))
+    aura = comfy.model_patcher.ModelPatcher(config.get_model({}, device="meta"), torch.device("cpu"),
+                                            torch.device("cpu"))
+    with pytest.raises(DreamTunerInputError, match=r"does not support AuraFlow \(MMDiT\).*Supported: SD1.x, "
+                                                   r"SD2.x and SDXL \(UNet\), and Flux.1.*SD3/SD3.5"):
+        ssa(aura, tm.latent(1))
 
 
 def test_the_input_model_survives_a_failed_patch(model):

@@ -66,7 +66,14 @@ def interleaved_cfg(lam, p_r, w_r, w_c, evaluate, combine, skip_unit_scale=True)
     combine(a, b, w) -> ``w * a - (w - 1) * b`` (the host's CFG).
     skip_unit_scale: at w_r = 1 Eq. 4 is ``e(x_t, c, ref)`` alone, so, as the
         host does for CFG 1, the ``none`` branch is not evaluated (the result is
-        then exactly the host's CFG 1 on the patched model).
+        then exactly the host's CFG 1 on the patched model); likewise Eq. 5 at w_c = 1.
+
+    Two kinds of model. True CFG (SD, SD3, Flux with true CFG > 1): every step evaluates two
+    conditionings plus the reference rows (Eq. 4: c with and without the reference; Eq. 5: c and uc).
+    Guidance-distilled (Flux dev: the guidance scale is an input of the model, FluxGuidance, and CFG
+    is 1): Eq. 5 is the positive alone (one row), and reference guidance needs its own evaluation
+    without the reference, so Eq. 4 with w_r > 1 costs one more row: give w_r explicitly there (its
+    default, the same as cfg, is 1 at CFG 1, which is no reference guidance).
     Returns (prediction, equation number).
     """
     if lam <= p_r:  # Eq. 4: reference guidance against the same text without self-subject-attention
@@ -75,7 +82,11 @@ def interleaved_cfg(lam, p_r, w_r, w_c, evaluate, combine, skip_unit_scale=True)
             return combine(e_ref, zeros, 1.0), EQ4
         e_ref, e_none = evaluate([("positive", "t-dt"), ("positive", None)])
         return combine(e_ref, e_none, w_r), EQ4
-    # Eq. 5: text guidance, the unconditional branch reading a noisier reference
+    # Eq. 5: text guidance, the unconditional branch reading a noisier reference. At w_c = 1 (a
+    # guidance-distilled model such as Flux dev, sampled at CFG 1) it is ``e(x_t, c, ref)`` alone.
+    if skip_unit_scale and math.isclose(w_c, 1.0):
+        e_ref, zeros = evaluate([("positive", "t-dt"), None])
+        return combine(e_ref, zeros, 1.0), EQ5
     e_ref, e_uncond = evaluate([("positive", "t-dt"), ("negative", "t+dt'")])
     return combine(e_ref, e_uncond, w_c), EQ5
 

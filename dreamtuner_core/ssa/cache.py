@@ -64,6 +64,7 @@ class RunCache:
 
     def __init__(self):
         self.sigma, self.run, self.levels, self.positive_context = None, None, {}, None
+        self.positive_extras = {}  # the positive's other per-item inputs (pooled text, Flux's guidance)
         self._kept, self._bias_free = {}, {}
         self.bypassed = False  # the attention replacement ran without this pack's model wrapper
 
@@ -71,6 +72,7 @@ class RunCache:
         """The features of this evaluation's step for the conditionings that run with ``hooks``."""
         if run is not self.run or (self.sigma is not None and sigma > self.sigma):
             self.positive_context = None
+            self.positive_extras = {}
             self._kept, self._bias_free = {}, {}
         if sigma != self.sigma or run is not self.run:
             self.sigma, self.run, self.levels = sigma, run, {}

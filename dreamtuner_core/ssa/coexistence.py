@@ -71,8 +71,10 @@ def check_replacements(state, options):
     Checked against the sampler's model options (the post-CFG hook): another node's replacement for
     one pass of its own (Perturbed-Attention Guidance) only applies to that pass and is fine.
     """
-    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    replace = options.get("patches_replace") or {}
     for layer in sorted(state.layers):
+        # joint-attention blocks (Flux, SD3) are the host's "dit" block keys, UNet layers its "attn1" keys
+        replaced = (replace.get("dit") if layer[0] in ("double_block", "single_block") else replace.get("attn1")) or {}
         current = replaced.get(layer) or replaced.get(layer[:2])
         if not is_own_patch(current):
             raise DreamTunerInputError(replacement_conflict(current, layer))

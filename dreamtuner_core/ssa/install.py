@@ -20,6 +20,7 @@ from ..errors import DreamTunerInputError
 from ..keys import STATE_KEY
 from ..references import (MASK_SUBJECT_IS_ONE, Reference, check_reference_latent, prepare_masks, reference_noise,
                           sigma_range)
+from . import joint
 from .cache import SelfSubjectAttentionState, end_of_run
 from .coexistence import check_replacements, replacement_conflict
 from .reference_rows import ReferenceBatchWrapper
@@ -70,12 +71,14 @@ def _block_order(name):
     return ({"input": 0, "middle": 1, "output": 2}.get(kind, 3), int(number))
 
 
-def add_self_subject_attention(model, references, layers):
+def add_self_subject_attention(model, references, layers, positions="offset"):
     """A clone of ``model`` whose selected self-attention layers also read ``references``.
 
-    layers: frozenset of layer keys, or None for every self-attention layer.
+    layers: frozenset of layer keys, or None for every self-attention layer (for Flux and SD3: the
+    host's dit block keys, :mod:`.joint`). positions: the joint-attention models' reference positions.
     """
-    available = host.self_attention_layers(model)
+    family = joint.family(model)
+    available = joint.joint_layers(model) if family else host.self_attention_layers(model)
     targets = sorted(available if layers is None else layers)
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
@@ -84,6 +87,9 @@ def add_self_subject_attention(model, references, layers):
         else SelfSubjectAttentionState(references, targets)
     options[STATE_KEY] = state
 
+    if family:
+        joint.install(clone, state, targets, positions, joint.rope_of(model))
+        return _finish(clone, state)
     replace = SelfSubjectAttentionReplace()
     existing = options.get("patches_replace", {}).get("attn1", {})
     for key in targets:
@@ -96,6 +102,11 @@ def add_self_subject_attention(model, references, layers):
     wrapper = clone.model_options.get("model_function_wrapper")
     if not isinstance(wrapper, ReferenceBatchWrapper):
         clone.set_model_unet_function_wrapper(ReferenceBatchWrapper(previous=wrapper))
+    return _finish(clone, state)
+
+
+def _finish(clone, state):
+    """The post-CFG hook, the end-of-run callback and the memory estimate, for every family."""
     if end_of_evaluation not in clone.model_options.get("sampler_post_cfg_function", []):
         clone.set_model_sampler_post_cfg_function(end_of_evaluation)
     host.on_cleanup(clone, STATE_KEY, end_of_run)
@@ -156,21 +167,30 @@ def check_reference_context(context, width):
 
 def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, reference_mask=None,
                                  mask_mode=MASK_SUBJECT_IS_ONE, reference_context=None,
-                                 start_percent=0.0, end_percent=1.0, blocks="all", seed=0):
+                                 start_percent=0.0, end_percent=1.0, blocks="all", seed=0, positions="offset"):
     """Everything the SelfSubjectAttentionPatch node does: validate, build references, patch a clone.
 
     reference_latent: [R, C, H, W] raw VAE latents (``LATENT["samples"]``), R references.
     reference_context: [1, L, D] text conditioning for the reference pass, or None.
+    positions: where a joint-attention model (Flux) places the reference's rotary positions,
+        ``offset`` or ``shared`` (:mod:`.joint`); UNets have no positions and ignore it.
     """
-    available = host.self_attention_layers(model)
+    joint.check_family(model)
+    family = joint.family(model)
+    if family:
+        joint.check_host(model)
+        if positions not in joint.POSITIONS:
+            raise DreamTunerInputError(f"positions must be one of {joint.POSITIONS}, got {positions!r}.")
+    available = joint.joint_layers(model) if family else host.self_attention_layers(model)
     samples = check_reference_latent(reference_latent, host.latent_channels(model))
     sigma_start, sigma_end = sigma_range(host.model_sampling(model), start_percent, end_percent)
     if not (omega_ref >= 0.0 and omega_ref == omega_ref):
         raise DreamTunerInputError(f"omega_ref must be 0 or more, got {omega_ref}.")
-    layers = parse_blocks(blocks, available)
+    layers = joint.parse_joint_blocks(blocks, available, model) if family else parse_blocks(blocks, available)
     masks = prepare_masks(reference_mask, samples.shape[0], mask_mode)
     if reference_context is not None:
-        check_reference_context(reference_context, host.context_width(model))
+        check_reference_context(reference_context,
+                                joint.context_width(model) if family else host.context_width(model))
         reference_context = reference_context[:1].detach().float().cpu()
     references = [
         Reference(latent=samples[i].cpu(), noise=reference_noise(samples.shape[1:], seed + i), mask=masks[i],
@@ -178,4 +198,4 @@ def apply_self_subject_attention(model, reference_latent, omega_ref=3.0, referen
                   layers=layers, context=reference_context)
         for i in range(samples.shape[0])
     ]
-    return add_self_subject_attention(model, references, layers)
+    return add_self_subject_attention(model, references, layers, positions)

@@ -94,6 +94,10 @@ def apply_with_references(apply_model, x, t, **c):
     positive_row = cond_or_uncond.index(0) * per_chunk if 0 in cond_or_uncond else 0
     if has_positive:
         cache.positive_context = crossattn[positive_row:positive_row + 1]
+        # the positive's pooled text (SDXL's y, Flux's y) and Flux's guidance, for a call without it
+        cache.positive_extras = {key: value[positive_row:positive_row + 1] for key, value in c.items()
+                                 if key not in ("c_crossattn", "c_concat") and isinstance(value, torch.Tensor)
+                                 and value.ndim > 0 and value.shape[0] == _batch_of(c)}
     text = cache.positive_context if cache.positive_context is not None else (
         crossattn[:1] if crossattn is not None else None)
     reads_text = any(r.context is None for r in active)
@@ -121,7 +125,8 @@ def apply_with_references(apply_model, x, t, **c):
     for rows in _group_by_shape(apart):
         made = {lvl: pending[lvl] for lvl, _, _ in rows}
         ref_x, ref_t = reference_inputs(base, rows, x, t)
-        ref_c = reference_conditioning(c, rows, positive_row, ref_x.shape[0], 0, ref_x.shape[-2:])
+        ref_c = reference_conditioning(c, rows, positive_row, ref_x.shape[0], 0, ref_x.shape[-2:],
+                                       cache.positive_extras)
         ref_c["transformer_options"] = reference_pass_options(options)
         ref_c["transformer_options"][CALL_KEY] = CallPlan(0, [], [(lvl, r) for lvl, r, _ in rows], made, cache)
         apply_model(ref_x, ref_t, **ref_c)
@@ -132,7 +137,7 @@ def apply_with_references(apply_model, x, t, **c):
     if along:
         ref_x, ref_t = reference_inputs(base, along, x, t)
         x, t = torch.cat([x, ref_x.to(x.dtype)]), torch.cat([t, ref_t.to(t.dtype)])
-        c = reference_conditioning(c, along, positive_row, len(along), n, x.shape[-2:])
+        c = reference_conditioning(c, along, positive_row, len(along), n, x.shape[-2:], cache.positive_extras)
         call_options["cond_or_uncond"] = cond_or_uncond + [0] * (len(along) // per_chunk)
     call_levels = {**levels, **{lvl: pending[lvl] for lvl, _, _ in along}}
     call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache)
@@ -164,13 +169,14 @@ def reference_inputs(base, rows, x, t):
     return noisy.to(x.dtype), sigmas
 
 
-def reference_conditioning(c, rows, source_row, count, batch, spatial):
+def reference_conditioning(c, rows, source_row, count, batch, spatial, positive=None):
     """The model-call conditioning ``c`` with ``count`` reference rows appended.
 
     ``batch`` is the number of generated rows already in ``c`` (0 for a call
     of reference rows only). Text: the reference's own conditioning or the
     positive one; other per-item conditioning (SDXL's ``y``) is taken from the
-    positive row; ControlNet residuals and concat inputs are zero for references.
+    positive row, or from ``positive`` (the run's last positive inputs, by key) for a call without
+    it; ControlNet residuals and concat inputs are zero for references.
     """
     out = {}
     for key, value in c.items():
@@ -186,7 +192,10 @@ def reference_conditioning(c, rows, source_row, count, batch, spatial):
             zeros = value.new_zeros((count, value.shape[1]) + tuple(spatial))
             out[key] = torch.cat([value, zeros]) if batch else zeros
         elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == _batch_of(c):
-            extra = value[source_row:source_row + 1].expand(count, *value.shape[1:])
+            source = (positive or {}).get(key)
+            source = source.to(value) if source is not None and source.shape[1:] == value.shape[1:] \
+                else value[source_row:source_row + 1]
+            extra = source.expand(count, *value.shape[1:])
             out[key] = torch.cat([value, extra]) if batch else extra.clone()
         else:
             out[key] = value
