@@ -36,7 +36,6 @@ import inspect
 
 import torch
 
-from .. import host
 from ..errors import DreamTunerInputError
 from ..keys import CALL_KEY, STATE_KEY, PackPatch
 from .attention import select_tokens, self_subject_attention
@@ -310,7 +309,6 @@ class JointAttention:
                 "this block in Self-Subject-Attention's 'blocks' input, or remove the other patch.")
         if call.reference_rows:
             self._record(k, v, heads)
-        biased = host.biased_attention_function()
         runs = []
         for start, end, sigma in call.groups + [(n, q.shape[0], None)]:
             features = call.levels[sigma].get(layer) if sigma is not None else None
@@ -323,8 +321,7 @@ class JointAttention:
                 outputs.append(self.plain(func, qs, ks, vs, heads, kwargs))
                 continue
             own = self.plain(func, qs[:, :text], ks, vs, heads, kwargs)
-            image = self_subject_attention(qs[:, text:], ks, vs, *features, heads, biased,
-                                           pad_keys_to=host.key_alignment(biased), attn_precision=precision)
+            image = self_subject_attention(qs[:, text:], ks, vs, *features, heads, attn_precision=precision)
             outputs.append(torch.cat([own, image.to(own.dtype)], dim=1))
         return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 
