@@ -170,3 +170,53 @@ def transformer_block(unet, layer):
         if blocks is not None:
             return blocks[index]
     raise KeyError(layer)
+
+
+def apply_controlnet(positive, negative, control_net, image, strength, start_percent=0.0, end_percent=1.0, vae=None):
+    """(positive, negative) with ``control_net`` hinted by ``image`` ([B, H, W, 3]), as the core's Apply
+    ControlNet (ControlNetApplyAdvanced) gives them.
+
+    Inside ComfyUI the host's own node does it (its ``nodes`` module is loaded before any pack); the
+    late-2024 ``comfy`` package has no ``nodes`` module, so the same steps run here on the host's
+    ControlNet objects: one hinted copy per previous ControlNet, chained to it, not applied to uncond.
+    """
+    import sys
+
+    node = getattr(sys.modules.get("nodes"), "ControlNetApplyAdvanced", None)
+    if node is not None:
+        return tuple(node().apply_controlnet(positive, negative, control_net, image, strength, start_percent,
+                                             end_percent, vae=vae))
+    if strength == 0:
+        return positive, negative
+    hint = image.movedim(-1, 1)
+    hinted = {}
+    out = []
+    for conditioning in (positive, negative):
+        items = []
+        for cond, extra in conditioning:
+            extra = extra.copy()
+            previous = extra.get("control")
+            if previous not in hinted:
+                copy = control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
+                copy.set_previous_controlnet(previous)
+                hinted[previous] = copy
+            extra["control"] = hinted[previous]
+            extra["control_apply_to_uncond"] = False
+            items.append([cond, extra])
+        out.append(items)
+    return out[0], out[1]
+
+
+def execution_blocker(message):
+    """The host's ExecutionBlocker: an output that stops the nodes fed by it with ``message`` (ComfyUI's
+    executor shows it). Current ComfyUI defines it in ``comfy_execution.graph_utils``, the late-2024 one in
+    ``comfy_execution.graph`` (which imports ComfyUI's ``nodes``, so it loads only inside ComfyUI); None
+    where neither loads (the comfy package alone, where no graph runs)."""
+    try:
+        from comfy_execution.graph_utils import ExecutionBlocker
+    except ImportError:
+        try:
+            from comfy_execution.graph import ExecutionBlocker
+        except ImportError:
+            return None
+    return ExecutionBlocker(message)

@@ -5,6 +5,7 @@ from .ssa import SelfSubjectAttentionPatch
 from .subject_encoder import ApplySubjectEncoder, SubjectEncoderLoader, register_model_folder
 from .scoring import ScoringModelsLoader, SubjectScore
 from .finetune import DreamTunerFinetune
+from .video import VideoSequence
 
 register_model_folder()
 
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamTunerScoringModelsLoader": ScoringModelsLoader,
     "DreamTunerSubjectScore": SubjectScore,
     "DreamTunerFinetune": DreamTunerFinetune,
+    "DreamTunerVideoSequence": VideoSequence,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamTunerScoringModelsLoader": "Scoring Models Loader (DreamTuner)",
     "DreamTunerSubjectScore": "Subject Score (DreamTuner)",
     "DreamTunerFinetune": "Finetune subject (DreamTuner)",
+    "DreamTunerVideoSequence": "Video Sequence (DreamTuner)",
 }

@@ -9,6 +9,7 @@ from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch
 HOST_TYPES = {"MODEL", "LATENT", "MASK", "CONDITIONING", "FLOAT", "INT", "STRING", "BOOLEAN", "IMAGE",
               "CLIP_VISION", "DREAMTUNER_SUBJECT_ENCODER", "CLIP", "VAE"}
 HOST_TYPES |= {"DREAMTUNER_SCORING_MODELS"}  # the pack's own: Scoring Models Loader -> Subject Score
+HOST_TYPES |= {"CONTROL_NET"}  # the core ControlNet loader -> Video Sequence
 
 
 def test_the_pack_exports_its_nodes_with_display_names():
