@@ -305,22 +305,31 @@ def test_same_inputs_and_seed_give_byte_identical_files(run, tmp_path):
 
 
 def test_interrupt_leaves_no_file(run, tmp_path):
+    """Cancel pressed while the second step's UNet forward runs: no further step completes, nothing is written."""
     folders = folders_in(tmp_path)
-    calls = []
+    finished, pressed = [], []
 
     class Interrupted(Exception):
         pass
 
-    def interrupt():
-        calls.append(1)
-        if len(calls) > 4:
+    def interrupt():  # what ComfyUI's throw_exception_if_processing_interrupted does once cancel was pressed
+        if pressed:
             raise Interrupted()
 
+    def unet_forward(*_):  # the user presses cancel during the second step's forward
+        if len(finished) == 1:
+            pressed.append(True)
+
+    hook = run["model"].model.diffusion_model.register_forward_hook(unet_forward)
     settings = ft.FinetuneSettings(**dict(SETTINGS, steps=50))
-    with pytest.raises(Interrupted):
-        ft.finetune(run["model"], run["clip"], run["vae"], run["image"], run["regular"], settings, folders,
-                    mask=run["mask"], interrupt=interrupt)
-    assert len(calls) == 5  # stopped inside the second step, not after the run
+    try:
+        with pytest.raises(Interrupted):
+            ft.finetune(run["model"], run["clip"], run["vae"], run["image"], run["regular"], settings, folders,
+                        mask=run["mask"], progress=lambda step, total, loss: finished.append(step),
+                        interrupt=interrupt)
+    finally:
+        hook.remove()
+    assert pressed and finished == [1]  # honoured inside the second step: it never completed
     written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     assert written == []
     modules = list(run["model"].model.modules()) + list(run["clip"].cond_stage_model.modules())
