@@ -17,8 +17,12 @@ seed, steps and size for every variant. Prints ratios against plain sampling.
     python benchmarks/ssa_benchmark.py --size 512      # GPU figures
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
-process's resident memory, sampled every 2 ms, as peak during sampling (which
-includes the weights) and as the rise above the level before sampling.
+process's resident memory, sampled every 2 ms. The figure reported is what a
+variant costs in memory: its peak minus plain sampling's peak (medians of the
+repeats), in MiB. A ratio of peaks would be dominated by the weights (3.4 GB of
+fp32 UNet) and say nothing.
+
+    python benchmarks/ssa_benchmark.py --smoke         # the tests' tiny UNet, 64 px, 2 steps: a check, no figure
 """
 
 from __future__ import annotations
@@ -62,11 +66,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (fastest and spread shown)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="UNet dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--smoke", action="store_true", help="the tests' tiny UNet, a check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps, args.repeats = min(args.size, 64), min(args.steps, 2), min(args.repeats, 2)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    model = tm.build("sd15", unet_config=SD15_UNET)
+    model = tm.build("sd15") if args.smoke else tm.build("sd15", unet_config=SD15_UNET)
     model.model.diffusion_model.to(dtype)
     model.model.manual_cast_dtype = None
     if device.type == "cuda":
@@ -85,7 +92,8 @@ def main():
 
     # A subject encoder shaped for this UNet, with random ("trained") weights; CLIP vision with ViT-H/14's
     # 257 tokens (its width does not change the per-step cost: SE(r) is encoded once per run).
-    clip_vision = tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14)
+    clip_vision = (tm.clip_vision() if args.smoke else
+                   tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14))
     context_dim, attention = attention_layout(model)
     encoder = SubjectEncoder(EncoderConfig("sd15", context_dim, 64, attention=attention)).initialise_untrained(0)
     tm.init_weights(encoder, 5)
@@ -122,18 +130,25 @@ def main():
             results[name]["peaks"].append(memory.peak)
             results[name]["rises"].append(memory.rise)
 
-    plain_times, plain_peak = sorted(results["plain"]["times"]), max(results["plain"]["peaks"])
-    plain_rise = max(max(results["plain"]["rises"]), 1)
+    import statistics
+
+    median = statistics.median
+    plain_time, plain_peak = median(results["plain"]["times"]), median(results["plain"]["peaks"])
+    what = (f"{'tiny (smoke)' if args.smoke else 'SD1.5'} UNet, {device.type} {str(dtype).split('.')[-1]}, "
+            f"{args.size}px, {args.steps} steps, {args.repeats} interleaved repeats")
     print(f"device={device.type} dtype={str(dtype).split('.')[-1]} size={args.size}px steps={args.steps} "
           f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__}")
+    print(f"plain: peak {plain_peak / 2**20:.0f} MiB (weights included); each variant's memory figure is its "
+          "peak minus plain's (the rise), medians of the repeats")
     for name, r in results.items():
-        times, p, rise = sorted(r["times"]), max(r["peaks"]), max(r["rises"])
-        median = times[len(times) // 2]
-        print(f"{name:9s} time {times[0]:8.2f}s ({times[0] / plain_times[0]:.2f}x)  "
-              f"median {median / plain_times[len(plain_times) // 2]:.2f}x  spread {times[0]:.1f}-{times[-1]:.1f}s  "
-              f"peak {p / 2**20:9.0f} MiB ({p / plain_peak:.3f}x)  "
-              f"rise {rise / 2**20:7.0f} MiB ({rise / plain_rise:.2f}x)  "
-              f"UNet items/step {r['items_per_step']}")
+        times = r["times"]
+        ratios = [t / p for t, p in zip(times, results["plain"]["times"])]  # paired: the same round
+        rise = (median(r["peaks"]) - plain_peak) / 2**20
+        print(f"{name:9s} time {median(times):8.2f}s (range {min(times):.2f}-{max(times):.2f}s)  "
+              f"x plain {median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})  "
+              f"peak rise over plain {rise:+.0f} MiB  UNet items/step {r['items_per_step']}")
+        print(f"ROW | sampling {name}, {what} | {median(ratios):.2f}x plain ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"peak rise {rise:+.0f} MiB | {median(times):.2f} s |")
 
 
 if __name__ == "__main__":
