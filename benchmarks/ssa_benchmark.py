@@ -92,8 +92,7 @@ def main():
 
     # A subject encoder shaped for this UNet, with random ("trained") weights; CLIP vision with ViT-H/14's
     # 257 tokens (its width does not change the per-step cost: SE(r) is encoded once per run).
-    clip_vision = (tm.clip_vision() if args.smoke else
-                   tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14))
+    clip_vision = tm.clip_vision(width=64, layers=26, heads=4, image_size=224, patch_size=14)
     context_dim, attention = attention_layout(model)
     encoder = SubjectEncoder(EncoderConfig("sd15", context_dim, 64, attention=attention)).initialise_untrained(0)
     tm.init_weights(encoder, 5)
