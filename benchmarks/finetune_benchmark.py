@@ -3,11 +3,15 @@
 Both train a LoRA of the same rank on the same random-weight SD1.5 UNet (860 M parameters, built through
 ComfyUI's own classes), at the same resolution, batch 2, AdamW, fp32 on the CPU. The pack's step also
 runs the CLIP-L text encoder forward and backward for the [S*] token (the core trainer takes fixed
-conditionings). Each trainer runs in its own process (a clean memory peak); the step time is the median
-of the times between consecutive steps' losses (the first step, with the set-up, is not timed).
+conditionings). Each trainer runs in its own process (a clean memory peak); a run's step time is the
+median of the times between consecutive steps' losses (the first step, with the set-up, is not timed).
+The trainers' runs are interleaved over ``--repeats`` rounds (core, pack, then pack, core, ...), so a slow
+spell of a shared machine touches both alike; each figure is the median over the rounds with its range
+(min-max). A ratio whose ranges overlap 1.0 is not a measured difference.
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python benchmarks/finetune_benchmark.py
     ... --size 512 --steps 20                       # GPU figures
+    ... --size 512 --steps 800 --repeats 1 --trainers pack   # the paper-sized run: 800 steps at 512 px
 
 Without COMFYUI_PATH it says so and exits (the core trainer exists only in current ComfyUI).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's resident memory,
@@ -45,11 +49,26 @@ def _setup(args):
     from comfyui_dreamtuner.dreamtuner_core.families import SD15_UNET
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = tm.build("sd15", unet_config=SD15_UNET) if args.model == "sd15" else tm.build("sd15_narrow")
+    model = {"sd15": lambda: tm.build("sd15", unet_config=SD15_UNET), "sd15-narrow": lambda: tm.build("sd15_narrow"),
+             "tiny": lambda: tm.build("sd15")}[args.model]()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         model.load_device = device
     return torch, tm, model, device
+
+
+def _clip(tm, model_name):
+    """CLIP-L through the host's classes (random weights); the tiny host CLIP for ``--model tiny``."""
+    if model_name == "tiny":
+        return tm.clip_text()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                         comfy.sd1_clip.SD1ClipModel))
+    tm.init_weights(clip.cond_stage_model, 31)
+    return clip
 
 
 def _timed_steps(stamps):
@@ -83,15 +102,9 @@ def child_core(args):
 
 def child_pack(args):
     torch, tm, model, device = _setup(args)
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
     from comfyui_dreamtuner.dreamtuner_core import finetune as ft
 
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
-                                                                         comfy.sd1_clip.SD1ClipModel))
-    tm.init_weights(clip.cond_stage_model, 31)
+    clip = _clip(tm, args.model)
     size = args.size // 8
     ref = tm.latent(2, size, size)
     reg = tm.latent(3, size, size, batch=4)
@@ -99,18 +112,29 @@ def child_pack(args):
                                    gradient_checkpointing=args.checkpointing)
     stamps = []
     with PeakMemory(device) as memory:
+        start = time.perf_counter()
         ft.train(model, clip, settings, (ref, ref.flip(-1)), (reg, reg.flip(-1)),
                  progress=lambda step, total, loss: stamps.append(time.perf_counter()))
-    return {"step_s": _timed_steps(stamps), "peak": memory.peak, "rise": memory.rise}
+        total = time.perf_counter() - start
+    return {"step_s": _timed_steps(stamps), "peak": memory.peak, "rise": memory.rise, "total_s": total}
+
+
+def _figure(values, scale=1.0, digits=3):
+    """median (min-max) of a list of figures."""
+    values = [v / scale for v in values]
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="training resolution in pixels")
-    parser.add_argument("--steps", type=int, default=4, help="steps per trainer (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per trainer run (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the trainers")
+    parser.add_argument("--trainers", default="core,pack", help="which trainers: core, pack or both")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--model", choices=["sd15", "sd15-narrow"], default="sd15",
-                        help="the full SD1.5 UNet, or a two-level one of SD1.5's widths (for small machines)")
+    parser.add_argument("--model", choices=["sd15", "sd15-narrow", "tiny"], default="sd15",
+                        help="the full SD1.5 UNet, a two-level one of SD1.5's widths (for small machines), or the "
+                             "tests' tiny one (--model tiny: a check that the script runs, no figure)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", choices=["core", "pack"], help=argparse.SUPPRESS)
@@ -123,25 +147,39 @@ def main():
         result = child_core(args) if args.child == "core" else child_pack(args)
         print("RESULT " + json.dumps(result))
         return
-    results = {}
-    for which in ("core", "pack"):
-        command = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--steps", str(args.steps),
-                   "--rank", str(args.rank), "--threads", str(args.threads), "--model", args.model] + (
-                   ["--checkpointing"] if args.checkpointing else [])
-        out = subprocess.run(command, capture_output=True, text=True, cwd=os.environ["COMFYUI_PATH"])
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            print(out.stdout[-2000:], out.stderr[-4000:])
-            raise SystemExit(f"the {which} trainer failed")
-        results[which] = json.loads(lines[-1][len("RESULT "):])
-    core, pack = results["core"], results["pack"]
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    if not trainers or any(t not in ("core", "pack") for t in trainers):
+        parser.error(f"--trainers {args.trainers!r}: give core, pack or core,pack")
+    results = {which: [] for which in trainers}
+    for round_ in range(args.repeats):
+        order = trainers if round_ % 2 == 0 else trainers[::-1]  # interleaved, the order alternating
+        for which in order:
+            command = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--steps",
+                       str(args.steps), "--rank", str(args.rank), "--threads", str(args.threads),
+                       "--model", args.model] + (["--checkpointing"] if args.checkpointing else [])
+            out = subprocess.run(command, capture_output=True, text=True, cwd=os.environ["COMFYUI_PATH"])
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                print(out.stdout[-2000:], out.stderr[-4000:])
+                raise SystemExit(f"the {which} trainer failed")
+            results[which].append(json.loads(lines[-1][len("RESULT "):]))
     mib = 2 ** 20
-    print(f"{args.model} UNet, {args.size}x{args.size} px, batch 2, LoRA rank {args.rank}, {args.steps} steps"
-          f"{', gradient checkpointing' if args.checkpointing else ''}")
-    for name, r in (("core TrainLoraNode", core), ("DreamTunerFinetune", pack)):
-        print(f"  {name:20s} step {r['step_s']:.3f} s   peak {r['peak'] / mib:.0f} MiB   rise {r['rise'] / mib:.0f} MiB")
-    print(f"  ratio (pack / core): time {pack['step_s'] / core['step_s']:.2f}x   peak memory "
-          f"{pack['peak'] / core['peak']:.2f}x   rise {pack['rise'] / max(core['rise'], 1):.2f}x")
+    what = (f"{args.model} UNet, {args.size}x{args.size} px, batch 2, LoRA rank {args.rank}, {args.steps} steps"
+            f"{', gradient checkpointing' if args.checkpointing else ''}, {args.repeats} interleaved rounds")
+    print(what + "; median (min-max) over the rounds")
+    names = {"core": "core TrainLoraNode", "pack": "DreamTunerFinetune"}
+    for which, runs in results.items():
+        step, peak, rise = ([r[k] for r in runs] for k in ("step_s", "peak", "rise"))
+        total = [r["total_s"] for r in runs if "total_s" in r]
+        print(f"  {names[which]:20s} step {_figure(step)} s   peak {_figure(peak, mib, 0)} MiB   "
+              f"rise {_figure(rise, mib, 0)} MiB" + (f"   {args.steps} steps {_figure(total, 1, 1)} s" if total else ""))
+        print(f"ROW | fine-tune {names[which]}, {what} | step {_figure(step)} s | peak {_figure(peak, mib, 0)} MiB |"
+              + (f" {args.steps} steps: {_figure(total, 1, 1)} s |" if total else " |"))
+    if len(results) == 2:
+        ratios = [p["step_s"] / c["step_s"] for c, p in zip(results["core"], results["pack"])]  # paired by round
+        rises = [p["rise"] / max(c["rise"], 1) for c, p in zip(results["core"], results["pack"])]
+        print(f"  ratio pack / core, paired by round: time {_figure(ratios, 1, 2)}x   rise {_figure(rises, 1, 2)}x")
+        print(f"ROW | fine-tune pack / core, {what} | time {_figure(ratios, 1, 2)}x | rise {_figure(rises, 1, 2)}x | |")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=32, help="CPU: training resolution (px)")
     parser.add_argument("--files", default=None, help="folder for the model files (default: the test cache)")
     parser.add_argument("--gpu", action="store_true", help="measure on one GPU at 512 px, global batch 16")
+    parser.add_argument("--processes", type=int, default=1, help="--gpu: processes, one GPU each (2 needs two GPUs)")
     parser.add_argument("--full-size-on-cpu", action="store_true",
                         help="run the --gpu configuration's full-size models on the CPU at --size, global batch 2")
     args = parser.parse_args(argv)
@@ -181,18 +182,24 @@ def main(argv=None):
                   "(--full-size-on-cpu checks the same run on the CPU at a small size)")
             return
         size = 512 if args.gpu else args.size
+        if args.gpu and args.processes > torch.cuda.device_count():
+            print(f"--processes {args.processes}: this machine has {torch.cuda.device_count()} GPU(s); give at most that")
+            return
         global_batch, batches = (16, (1, 2, 4)) if args.gpu else (2, (1,))
         files = full_size_files(cache, size)
         for batch in batches:
             kwargs = dict(base, **files, size=size, global_batch=global_batch, batch_per_device=batch,
                           workers=4 if args.gpu else 0)
-            rate, peak, real = run(1, kwargs, args.steps)
+            rate, peak, real = run(args.processes if args.gpu else 1, kwargs, args.steps)
             where = (f"GPU {torch.cuda.get_device_name()}, bf16 autocast" if args.gpu else
                      f"CPU ({os.cpu_count()} cores), fp32, a check of the full-size path, not a GPU figure")
             memory = f", peak {peak:.1f} GiB {'allocated' if args.gpu else 'resident'}" if peak is not None else ""
             print(f"{where}: full-size SD1.5 + depth ControlNet + ViT-H/14, {size} px, global batch {global_batch} "
                   f"(per-step batch {batch}, accumulation {global_batch // batch}): {rate:.3f} samples/s{memory}"
                   + ("" if real else " (fixed caption embedding)"))
+            print(f"ROW | pretraining, {args.processes if args.gpu else 1} process(es), {size} px, global batch "
+                  f"{global_batch}, per-step batch {batch}{'' if args.gpu else ' (CPU check)'} | {rate:.3f} samples/s |"
+                  f"{memory.lstrip(', ')} | {args.steps} steps |")
         return
 
     import statistics
@@ -223,6 +230,8 @@ def main(argv=None):
     print(f"  2 processes, {args.threads} thread each (gloo): {two_text}: {two / one:.2f}x, "
           f"scaling efficiency {two / (2 * one):.0%}")
     print(f"  1 process,   {cores} threads: {every_text} ({every / one:.2f}x of 1 thread)")
+    print(f"ROW | pretraining (CPU, smoke-size models, {args.size} px), 1 vs 2 processes | {one_text} vs {two_text} | "
+          f"| scaling {two / (2 * one):.0%} |")
     if busy is not None and busy > 0.5:
         print(f"warning: other work used {busy:.1f} cores at the start: it shared these cores, the figures are not clean")
     if not torch.cuda.is_available():

@@ -25,8 +25,12 @@ variant is taken to the plain run of the same repeat; reported as their median a
 ((max - min) / median), next to the fastest times. On a shared CPU, paired ratios are what count.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
-process's resident memory, sampled every 2 ms, as peak during sampling (which
-includes the weights) and as the rise above the level before sampling.
+process's resident memory, sampled every 2 ms. The figure reported is what a
+variant costs in memory: its peak minus plain sampling's peak (medians of the
+repeats), in MiB. A ratio of peaks would be dominated by the weights (3.4 GB of
+fp32 UNet) and say nothing.
+
+    python benchmarks/ssa_benchmark.py --smoke         # the tests' tiny UNet, 64 px, 2 steps: a check, no figure
 """
 
 from __future__ import annotations
@@ -102,7 +106,10 @@ def main():
                         help="the host's attention flag (its own selection); 'all': each flag this core has")
     parser.add_argument("--variants", default="plain,encoder,ssa,ssa-apart,ssa+icfg",
                         help="comma-separated subset of plain, encoder, ssa, ssa-apart, ssa+icfg (plain always runs)")
+    parser.add_argument("--smoke", action="store_true", help="the tests' tiny UNet, a check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps, args.repeats = min(args.size, 64), min(args.steps, 2), min(args.repeats, 2)
     if args.attention == "all":
         argv = [a for a in sys.argv[1:] if a != "all" and not a.startswith("--attention")]
         return run_every_flag(argv)
@@ -118,7 +125,7 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    model = tm.build("sd15", unet_config=SD15_UNET)
+    model = tm.build("sd15") if args.smoke else tm.build("sd15", unet_config=SD15_UNET)
     model.model.diffusion_model.to(dtype)
     model.model.manual_cast_dtype = None
     if device.type == "cuda":
@@ -181,19 +188,27 @@ def main():
             results[name]["peaks"].append(memory.peak)
             results[name]["rises"].append(memory.rise)
 
-    plain_times, plain_peak = sorted(results["plain"]["times"]), max(results["plain"]["peaks"])
-    plain_rise = max(max(results["plain"]["rises"]), 1)
+    import statistics
+
+    median = statistics.median
+    plain_time, plain_peak = median(results["plain"]["times"]), median(results["plain"]["peaks"])
+    what = (f"{'tiny (smoke)' if args.smoke else 'SD1.5'} UNet, {device.type} {str(dtype).split('.')[-1]}, "
+            f"{args.size}px, {args.steps} steps, {args.repeats} interleaved repeats, attention {args.attention}")
     print(f"device={device.type} dtype={str(dtype).split('.')[-1]} size={args.size}px steps={args.steps} "
           f"cfg=7 sampler=euler repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"attention={args.attention} kernel={kernel}")
+    print(f"plain: peak {plain_peak / 2**20:.0f} MiB (weights included); each variant's memory figure is its "
+          "peak minus plain's (the rise), medians of the repeats")
     for name, r in results.items():
-        times, p, rise = sorted(r["times"]), max(r["peaks"]), max(r["rises"])
-        ratios = sorted(t / plain for t, plain in zip(r["times"], results["plain"]["times"]))
-        median = ratios[len(ratios) // 2]
-        print(f"{name:9s} ratio {median:.2f}x (paired, median; spread {(ratios[-1] - ratios[0]) / median:5.1%}, "
-              f"{ratios[0]:.2f}-{ratios[-1]:.2f})  fastest {times[0]:7.2f}s ({times[0] / plain_times[0]:.2f}x)  "
-              f"peak {p / 2**20:7.0f} MiB ({p / plain_peak:.3f}x)  rise {rise / 2**20:6.0f} MiB "
-              f"({rise / plain_rise:.2f}x)  UNet items/step {r['items_per_step']}")
+        times = r["times"]
+        ratios = [t / p for t, p in zip(times, results["plain"]["times"])]  # paired: the same round
+        rise = (median(r["peaks"]) - plain_peak) / 2**20
+        print(f"{name:9s} time {median(times):8.2f}s (range {min(times):.2f}-{max(times):.2f}s)  "
+              f"x plain {median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}, "
+              f"spread {(max(ratios) - min(ratios)) / median(ratios):.1%})  "
+              f"peak rise over plain {rise:+.0f} MiB  UNet items/step {r['items_per_step']}")
+        print(f"ROW | sampling {name}, {what} | {median(ratios):.2f}x plain ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"peak rise {rise:+.0f} MiB | {median(times):.2f} s |")
 
 
 if __name__ == "__main__":

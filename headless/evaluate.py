@@ -15,7 +15,10 @@ pack's headless runner (resumable: images already there are kept when the
 PP_SEED.json beside each says they were made the same way, else the run stops
 naming what differs), for every setting of --sweep (the product of the
 values), subject, prompt and seed.
-The subject's first real image (sorted by name) is the single reference.
+The subject's first real image (sorted by name) is the single reference; CLIP-I and DINO
+score each image against the subject's OTHER real images (against the reference only when it
+is the subject's one image), so a copy of the reference is not rewarded with a cosine of 1.
+In folder mode (--real) every real image is scored against (the reference is not known).
 
 Writes into --output (default OUT): fidelity.csv (one row per image),
 fidelity.md (per setting overall, objects and live, and per subject, beside
@@ -179,6 +182,7 @@ def dreambench_jobs(args, settings) -> list:
     for subject in subjects:
         real = dreambench.image_files(args.dreambench / subject.name, f"--dreambench subject {subject.name}")
         templates = dreambench.subject_prompts(subject, object_prompts, live_prompts)[:args.prompts_per_subject]
+        scored = dreambench.scored_real_images(real, real[0])  # CLIP-I/DINO not against the reference itself
         for setting in settings:
             for index, template in enumerate(templates):
                 for k in range(per_prompt):
@@ -186,7 +190,8 @@ def dreambench_jobs(args, settings) -> list:
                     jobs.append(Job(setting, subject.name, subject.class_word, subject.live, index,
                                     dreambench.fill(template, subject.class_word, args.token),
                                     dreambench.fill(template, subject.class_word), seed, real[0],
-                                    args.generated / setting.folder / subject.name / f"{index:02d}_{seed}.png", real))
+                                    args.generated / setting.folder / subject.name / f"{index:02d}_{seed}.png",
+                                    scored))
     return jobs
 
 
@@ -480,7 +485,7 @@ def evaluate(args, generate: Optional[Callable[[Job], None]] = None) -> list:
     check_device(args.device)
     settings = parse_sweep(args.sweep)
     jobs = dreambench_jobs(args, settings) if args.dreambench is not None else folder_jobs(args)
-    for reals in {tuple(job.real) for job in jobs}:
+    for reals in {tuple(job.real) + (job.reference,) for job in jobs}:  # the reference is not always scored
         # Unreadable real images stop the run before anything is made. Decoded again for scoring: keeping
         # every subject's decoded pictures through a long generation would hold about a GB for nothing.
         dreambench.read_images(reals)

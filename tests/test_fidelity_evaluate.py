@@ -114,7 +114,7 @@ def test_a_sweep_writes_csv_table_and_plot_and_resumes(dataset, tmp_path, models
     # each row's scores by hand from the saved model's embeddings
     tokenizer = open_clip.get_tokenizer(fm.TINY_CLIP)
     for row in rows[:: 5]:
-        real = sorted((dataset / row["subject"]).iterdir())
+        real = sorted((dataset / row["subject"]).iterdir())[1:]  # not the reference (the first) itself
         g, r = embed_by_hand(models["clip"], [row["file"]]), embed_by_hand(models["clip"], real)
         clip_i = sum(cos(g[0], r[j]) for j in range(len(real))) / len(real)
         with torch.no_grad():
@@ -123,9 +123,18 @@ def test_a_sweep_writes_csv_table_and_plot_and_resumes(dataset, tmp_path, models
         assert abs(float(row["clip_t"]) - cos(g[0], t[0])) <= TOL + 5e-7
         assert -1 <= float(row["dino"]) <= 1
 
-    # the sweep moved fidelity: omega_ref=3 reproduces the reference (the first real image) exactly
+    # The stand-in makes an exact copy of the reference (the first real image) at omega_ref=3. The pack
+    # scores it against the subject's other real image only: its CLIP-I is that pair's cosine, not the
+    # inflated mean with the copy's own cosine of 1 that scoring against the reference would give.
+    for subject in ("dog", "can"):
+        reference, other = sorted((dataset / subject).iterdir())
+        r, o = embed_by_hand(models["clip"], [reference]), embed_by_hand(models["clip"], [other])
+        copies = [r for r in rows if r["setting"] == "omega_ref=3" and r["subject"] == subject]
+        assert len(copies) == 4
+        for row in copies:
+            assert abs(float(row["clip_i"]) - cos(r[0], o[0])) <= TOL + 5e-7, row
+            assert float(row["clip_i"]) < (1 + cos(r[0], o[0])) / 2 - 1e-3  # not scored against itself
     means = {s: sum(float(r["clip_i"]) for r in rows if r["setting"] == s) / 8 for s in ("omega_ref=0", "omega_ref=3")}
-    assert means["omega_ref=3"] > means["omega_ref=0"]
 
     table = (out / evaluate.TABLE_NAME).read_text()
     assert "| omega_ref=3 | 16 |" not in table and f"| omega_ref=3 | 8 | {means['omega_ref=3']:.3f} |" in table
@@ -387,3 +396,10 @@ def test_the_runner_generator_sets_reference_prompt_seed_and_swept_widgets(datas
     with pytest.raises(comfy_server.ServerError, match="saved 2 images in one run"):
         two(jobs[0])
     assert not jobs[0].target.exists()
+
+
+def test_subject_fidelity_is_scored_against_the_other_real_images(tmp_path):
+    real = [tmp_path / "00.jpg", tmp_path / "01.jpg", tmp_path / "02.jpg"]
+    assert dreambench.scored_real_images(real, real[0]) == real[1:]
+    assert dreambench.scored_real_images(real, tmp_path / "01.jpg") == [real[0], real[2]]
+    assert dreambench.scored_real_images(real[:1], real[0]) == real[:1]  # the reference is the only real image

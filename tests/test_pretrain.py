@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from dreamtuner_devtools import pretrain_worker
-from tolerances import SAFETY, eps, network_shape, rounding_tolerance
+from tolerances import network_shape, rounding_tolerance
 from comfyui_dreamtuner.dreamtuner_core.pretrain.config import TrainConfig
 from comfyui_dreamtuner.dreamtuner_core.pretrain.data import PreparedDataset, Augmentation
 from comfyui_dreamtuner.dreamtuner_core.pretrain.frozen_models import load_clip_vision
@@ -356,13 +356,15 @@ def test_bf16_autocast_trains_with_fp32_master_weights(smoke_files, tmp_path):
     assert seen == {torch.bfloat16, torch.float32}  # the UNet ran in bf16 once, in fp32 once
     assert all(p.dtype == torch.float32 for p in t.encoder.parameters())
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in bf16_grads.values())
-    # The loss is a mean over every latent element, so the elements' bf16 rounding errors average out: it
-    # stays within one bf16 spacing of the fp32 loss (measured: 2.5e-5 relative). The gradients keep their
-    # direction to the same SAFETY x eps(bf16) the other comparisons use (measured: cosine 1 - 5e-4).
-    assert abs(bf16_loss - fp32_loss) <= eps(torch.bfloat16) * fp32_loss
+    # Bounds from the measured spread, with a margin of 4: bf16 against fp32 on this set-up (the smoke
+    # models, batches of 2 images starting at 0, 2 and 4, S-E-A outputs drawn with seeds 4-9: 9 pairs, CPU
+    # autocast, torch 2.x) gave a relative loss difference of 0.6e-5 to 2.6e-5 and a gradient cosine of
+    # 1 - 1.2e-4 to 1 - 4.9e-4. So: loss within 1e-4 relative, cosine above 1 - 2e-3. (One bf16 spacing,
+    # 7.8e-3, and SAFETY x eps(bf16), a cosine of 0.94, passed a gradient with an error a third its size.)
+    assert abs(bf16_loss - fp32_loss) <= 1e-4 * fp32_loss, (bf16_loss, fp32_loss)
     flat = lambda grads: torch.cat([g.flatten() for g in grads.values()]).double()  # noqa: E731
     cosine = torch.nn.functional.cosine_similarity(flat(bf16_grads), flat(fp32_grads), dim=0)
-    assert cosine >= 1 - SAFETY * eps(torch.bfloat16), float(cosine)
+    assert cosine >= 1 - 2e-3, float(cosine)
     t.autocast = torch.bfloat16
     t.run(max_steps=1)
     assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for v in s.values() if v.ndim)

@@ -86,6 +86,20 @@ def image_files(folder, what: str, exclude=()) -> list:
     return files
 
 
+def scored_real_images(real: Sequence, reference) -> list:
+    """The real images a generated image's subject fidelity (CLIP-I, DINO) is scored against: every real
+    image of the subject but the ``reference`` it was generated from, when the subject has others.
+
+    Scored against its own reference, an image that copies the reference gets a cosine of 1 for that pair,
+    so CLIP-I rewards copying rather than the subject's identity (the inflated value the paper's protocol
+    avoids: its single reference is the input, the other real images of the subject are the yardstick).
+    A subject with the reference as its only real image is scored against it (nothing else to compare).
+    """
+    real = list(real)
+    others = [p for p in real if pathlib.Path(p) != pathlib.Path(reference)]
+    return others or real
+
+
 def read_image(path) -> torch.Tensor:
     """An image file as an IMAGE [1, H, W, 3] in [0, 1] (alpha dropped); a named error if unreadable."""
     from PIL import Image, UnidentifiedImageError
