@@ -76,9 +76,10 @@ def oracle_images(case: Case, n: int) -> torch.Tensor:
 class World:
     """The shipped models, the text encodings and the pack's nodes, loaded once."""
 
-    def __init__(self):
+    def __init__(self, unet_file=None):
+        """unet_file: another UNet file to sample with (a diagnosis of a candidate), else the shipped one."""
         host.setup()
-        self.unet, self.vae, self.clip = host.world_models()
+        self.unet, self.vae, self.clip = host.world_models(str(unet_file) if unet_file else "unet.safetensors")
         self.nodes = host.nodes()
         self._text = {}
 
