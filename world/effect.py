@@ -34,7 +34,9 @@ def settings(omegas=OMEGAS, no_mask_omegas=NO_MASK_OMEGAS, broken=True, p_rs=P_R
     out += [experiment.Setting(float(w), "none") for w in no_mask_omegas if w]
     if broken:
         out += [experiment.Setting(3.0, "inverted"), experiment.Setting(3.0, "subject", reference_sigma=14.6),
-                experiment.Setting(3.0, "subject", reference_sigma=2.0)]
+                experiment.Setting(3.0, "subject", reference_sigma=2.0),
+                experiment.Setting(3.0, "subject", transposed=True),
+                experiment.Setting(3.0, "subject", unconditional_reference=True)]
     out += [experiment.Setting(3.0, "subject", p_r=p) for p in p_rs]
     return out
 
