@@ -27,7 +27,7 @@ FILES = ("clip_text.safetensors", "vae.safetensors", "unet_base.safetensors", "u
 
 # The second UNet stage (see world/README.md): continued from the first with repetition images in 25 % of
 # the data, a shorter EMA window (decay 0.995: about 200 steps) and a lower learning rate.
-UNET_STEPS = 1800
+UNET_STEPS = 600
 UNET_LR = 5e-4
 UNET_EMA = 0.995
 PAIRS = 2700
@@ -140,7 +140,7 @@ def encode_latents(vae, images, batch=512):
 
 
 def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print, init=None,
-               ema_decay=0.999, warmup=200, out="unet_base.safetensors", raw_name=None):
+               ema_decay=0.999, warmup=200, out_name="unet_base.safetensors", raw_name=None):
     """Train the UNet (eps prediction, host sigmas/timesteps, 10 % empty-prompt dropout), write its EMA.
 
     init: a state dict to continue from (the second stage), else a seeded initialisation.
@@ -187,7 +187,7 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
                 log(f"  unet: {(time.time() - t0) / 21:.2f} s/step, about {(time.time() - t0) / 21 * steps / 60:.0f} min")
             if step % 250 == 0 or step == steps - 1:
                 log(f"  unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    save(ema.state_dict(), out)
+    save(ema.state_dict(), out_name)
     if raw_name:
         import comfy.utils
 
@@ -314,7 +314,7 @@ def main(argv=None):
             base = {k: v.float() for k, v in host.load_file("unet_base.safetensors").items()}
             timed("unet", build_unet, torch.cat([latents, pair_latents]), torch.cat([cond_index, pair_index]),
                   conds, seed=52, steps=args.unet_steps, lr=UNET_LR, init=base, ema_decay=UNET_EMA, warmup=100,
-                  out="unet.safetensors", raw_name=args.unet_raw)
+                  out_name="unet.safetensors", raw_name=args.unet_raw)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:

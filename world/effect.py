@@ -20,21 +20,21 @@ import numpy as np
 from . import experiment
 from .base_report import RESULTS, grid_png
 
-OMEGAS = (0, 1, 3, 5, 10)
+# omega_ref = 0 is plain attention bitwise (tests/test_ssa*.py): its point in the plot is plain sampling's
+# row, not run again; p_r = 0 is plain CFG on the SSA model, the same samples as "ssa w=3" (METHOD.md).
+OMEGAS = (1, 3, 5, 10)
 NO_MASK_OMEGAS = (3, 10)
-P_R = (0.0, 0.5, 1.0)
+P_R = (0.5, 1.0)
 METRICS = ("identity", "pattern", "scene", "time", "position")
 
 
 def settings(omegas=OMEGAS, no_mask_omegas=NO_MASK_OMEGAS, broken=True, p_rs=P_R):
-    """Plain; SSA with the mask over omegas (omega_ref = 0 is plain attention bitwise: its row is plain's
-    samples, run once as a check); without the mask; the broken variants; interleaved guidance over p_r."""
+    """Plain; SSA with the mask over omegas; without the mask; the broken variants; interleaved guidance."""
     out = [experiment.Setting()]
     out += [experiment.Setting(float(w), "subject") for w in omegas]
     out += [experiment.Setting(float(w), "none") for w in no_mask_omegas if w]
     if broken:
         out += [experiment.Setting(3.0, "inverted"), experiment.Setting(3.0, "subject", reference_sigma=14.6),
-                experiment.Setting(3.0, "subject", reference_sigma=2.0),
                 experiment.Setting(3.0, "subject", transposed=True),
                 experiment.Setting(3.0, "subject", unconditional_reference=True)]
     out += [experiment.Setting(3.0, "subject", p_r=p) for p in p_rs]
@@ -118,8 +118,8 @@ def plot(table, path):
     for ax, metric, label in zip(axes, ("identity", "pattern", "scene"),
                                  ("subject fidelity (identity cosine)", "pattern cells right", "scene read as prompted")):
         for mask, style in (("subject", "-o"), ("none", "--s")):
-            points = [(w, table[f"ssa w={w:g} mask={mask if w else 'subject'}"][metric]) for w in OMEGAS
-                      if f"ssa w={w:g} mask={mask if w else 'subject'}" in table]
+            points = [(0, table["plain"][metric])] + [(w, table[f"ssa w={w:g} mask={mask}"][metric])
+                                                       for w in OMEGAS if f"ssa w={w:g} mask={mask}" in table]
             ax.errorbar([w for w, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
                         fmt=style, capsize=3, label=f"SSA, mask={mask}")
         for ref, colour in (("plain", "grey"), ("oracle (renders)", "green")):
