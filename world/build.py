@@ -21,12 +21,15 @@ import torch.nn.functional as F
 
 from . import generator, host, manifest, nets
 
-FILES = ("clip_text.safetensors", "vae.safetensors", "unet_base.safetensors", "unet.safetensors",
-         "identity.safetensors", "scene.safetensors")
+FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identity.safetensors",
+         "scene.safetensors")
+# Not shipped yet (world/README.md, "Second part"): the second UNet stage, a candidate with no measurement.
+CANDIDATE = "unet_stage2.safetensors"
 
 
-# The second UNet stage (see world/README.md): continued from the first with repetition images in 25 % of
-# the data, a shorter EMA window (decay 0.995: about 200 steps) and a lower learning rate.
+# The second UNet stage (opt-in: --only unet_stage2; see world/README.md): continued from the shipped UNet
+# with repetition images in 25 % of the data, a shorter EMA window (decay 0.995: about 200 steps) and a
+# lower learning rate. Writes the candidate file CANDIDATE, which the manifest does not list.
 UNET_STEPS = 600
 UNET_LR = 5e-4
 UNET_EMA = 0.995
@@ -140,7 +143,7 @@ def encode_latents(vae, images, batch=512):
 
 
 def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print, init=None,
-               ema_decay=0.999, warmup=200, out_name="unet_base.safetensors", raw_name=None):
+               ema_decay=0.999, warmup=200, out_name="unet.safetensors", raw_name=None):
     """Train the UNet (eps prediction, host sigmas/timesteps, 10 % empty-prompt dropout), write its EMA.
 
     init: a state dict to continue from (the second stage), else a seeded initialisation.
@@ -258,13 +261,13 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet_base", "unet", "identity", "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
     parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--unet-base-steps", type=int, default=1200, help="first stage: single-subject captions")
-    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS, help=(
+    parser.add_argument("--unet-steps", type=int, default=1200, help="the shipped UNet: single-subject captions")
+    parser.add_argument("--stage2-steps", type=int, default=UNET_STEPS, help=(
         "second stage, continued from the first: single-subject captions plus repetition images"))
     parser.add_argument("--pairs", type=int, default=PAIRS, help="repetition images in the second stage")
     parser.add_argument("--unet-raw", default=None, help="also write the second stage's raw (non-EMA) weights here")
@@ -276,7 +279,7 @@ def main(argv=None):
         "ran 6x slower here)"))
     args = parser.parse_args(argv)
     host.setup(args.threads)
-    parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet_base", "unet", "identity", "scene"])
+    parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
     times = {}
 
     def timed(name, fn, *a, **k):
@@ -287,34 +290,34 @@ def main(argv=None):
         return result
 
     data = None
-    if parts & {"vae", "unet_base", "unet"}:
+    if parts & {"vae", "unet", "unet_stage2"}:
         # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
         data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
         timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
-    if parts & {"unet_base", "unet"}:
+    if parts & {"unet", "unet_stage2"}:
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
             vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
             captions = [c.text for c in generator.TRAIN_CAPTIONS]
             pair_texts = [generator.pair_caption_text(*k) for k in generator.PAIR_CAPTIONS]
             index = {text: i for i, text in enumerate(captions + pair_texts)}
-            pairs = generator.pair_dataset(args.pairs, seed=2) if "unet" in parts else None
+            pairs = generator.pair_dataset(args.pairs, seed=2) if "unet_stage2" in parts else None
             return (encode_latents(vae, data["images"][:args.images]),
                     torch.tensor([index[c.text] for c in data["captions"][:args.images]]),
                     None if pairs is None else encode_latents(vae, pairs["images"]),
                     None if pairs is None else torch.tensor([index[t] for t in pairs["texts"]]),
                     caption_conditionings(clip, captions + pair_texts))
         latents, cond_index, pair_latents, pair_index, conds = timed("latents", latents_and_conds)
-        if "unet_base" in parts:  # the first stage: single-subject captions only (conds' pair rows unused)
-            timed("unet_base", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_base_steps)
-        if "unet" in parts:
-            base = {k: v.float() for k, v in host.load_file("unet_base.safetensors").items()}
-            timed("unet", build_unet, torch.cat([latents, pair_latents]), torch.cat([cond_index, pair_index]),
-                  conds, seed=52, steps=args.unet_steps, lr=UNET_LR, init=base, ema_decay=UNET_EMA, warmup=100,
-                  out_name="unet.safetensors", raw_name=args.unet_raw)
+        if "unet" in parts:  # single-subject captions only (the conditionings' pair rows are unused)
+            timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
+        if "unet_stage2" in parts:
+            base = {k: v.float() for k, v in host.load_file("unet.safetensors").items()}
+            timed("unet_stage2", build_unet, torch.cat([latents, pair_latents]), torch.cat([cond_index, pair_index]),
+                  conds, seed=52, steps=args.stage2_steps, lr=UNET_LR, init=base, ema_decay=UNET_EMA, warmup=100,
+                  out_name=CANDIDATE, raw_name=args.unet_raw)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
