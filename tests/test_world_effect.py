@@ -7,7 +7,8 @@ host's KSampler path (comfy.sample.sample) with the pack's Self-Subject-Attentio
   prompted) within SCENE_BOUND of plain sampling;
 - the same check FAILS on deliberately broken uses of the method, each at a seam outside the pack:
   the mask's polarity inverted (1 - mask), and the reference noised to another level than the generated
-  latent (noise of sigma_max added to the reference latent before it reaches the node). Each variant
+  latent (noise of sigma_max added to the reference latent before it reaches the node), and the
+  reference's token grid transposed (its latent and mask transposed before the node). Each variant
   must lose the effect (its gain stays below MARGIN).
 MARGIN and the bounds come from the full measurement (python -m world.effect, world/results/effect.md):
 see the constants below.
@@ -41,6 +42,7 @@ SETTINGS = {
     "ssa": experiment.Setting(OMEGA_REF, "subject"),
     "mask inverted": experiment.Setting(OMEGA_REF, "inverted"),
     "reference misnoised": experiment.Setting(OMEGA_REF, "subject", reference_sigma=14.6),
+    "reference grid transposed": experiment.Setting(OMEGA_REF, "subject", transposed=True),
 }
 
 
@@ -119,7 +121,7 @@ def test_self_subject_attention_keeps_prompt_fidelity(results):
     assert ssa >= plain - SCENE_BOUND, f"scene read as prompted: {ssa:.2f} with SSA vs {plain:.2f} plain"
 
 
-@pytest.mark.parametrize("variant", ["mask inverted", "reference misnoised"])
+@pytest.mark.parametrize("variant", ["mask inverted", "reference misnoised", "reference grid transposed"])
 def test_broken_variant_loses_the_effect(results, variant):
     mean, se = gain(results, variant)
     good, _ = gain(results, "ssa")

@@ -23,6 +23,17 @@ from . import generator, host, manifest, nets
 
 FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identity.safetensors",
          "scene.safetensors")
+# Not shipped yet (world/README.md, "Second part"): the second UNet stage, a candidate with no measurement.
+CANDIDATE = "unet_stage2.safetensors"
+
+
+# The second UNet stage (opt-in: --only unet_stage2; see world/README.md): continued from the shipped UNet
+# with repetition images in 25 % of the data, a shorter EMA window (decay 0.995: about 200 steps) and a
+# lower learning rate. Writes the candidate file CANDIDATE, which the manifest does not list.
+UNET_STEPS = 600
+UNET_LR = 5e-4
+UNET_EMA = 0.995
+PAIRS = 2700
 
 
 def init_weights(module, seed, scale=1.0):
@@ -76,10 +87,10 @@ def build_clip(seed):
     save(clip.cond_stage_model.state_dict(), "clip_text.safetensors")
 
 
-def caption_conditionings(clip, captions):
-    """[len(captions) + 1, 77, 32]: the conditioning of each caption, then of the empty prompt."""
+def caption_conditionings(clip, texts):
+    """[len(texts) + 1, 77, 32]: the conditioning of each caption text, then of the empty prompt."""
     with torch.no_grad():
-        return torch.cat([host.encode_text(clip, text)[0][0] for text in [c.text for c in captions] + [""]])
+        return torch.cat([host.encode_text(clip, text)[0][0] for text in list(texts) + [""]])
 
 
 def build_vae(images, seed, steps, batch=16, log=print):
@@ -131,12 +142,19 @@ def encode_latents(vae, images, batch=512):
     return torch.cat(out)
 
 
-def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print):
-    patcher = host.make_unet()
+def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print, init=None,
+               ema_decay=0.999, warmup=200, out_name="unet.safetensors", raw_name=None):
+    """Train the UNet (eps prediction, host sigmas/timesteps, 10 % empty-prompt dropout), write its EMA.
+
+    init: a state dict to continue from (the second stage), else a seeded initialisation.
+    raw_name: also write the raw (non-EMA) weights there (a diagnosis file, not shipped).
+    """
+    patcher = host.make_unet(init)
     unet = patcher.model.diffusion_model
-    init_weights(unet, seed)
-    with torch.no_grad():  # zero the last conv: the UNet starts predicting eps = 0
-        unet.out[-1].weight.zero_()
+    if init is None:
+        init_weights(unet, seed)
+        with torch.no_grad():  # zero the last conv: the UNet starts predicting eps = 0
+            unet.out[-1].weight.zero_()
     unet.train()
     _clone_norm_inputs(unet)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -148,7 +166,7 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
     t0 = time.time()
     with host.fast_attention():
         for step in range(steps):
-            cosine_lr(opt, lr, step, steps, warmup=200)
+            cosine_lr(opt, lr, step, steps, warmup=warmup)
             idx = torch.randint(len(x0_all), (batch,), generator=g)
             x0 = x0_all[idx]
             ci = cond_index[idx].clone()
@@ -164,7 +182,7 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
-            decay = min(0.999, (1 + step) / (10 + step))
+            decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), unet.parameters()):
                     pe.lerp_(p, 1 - decay)
@@ -172,7 +190,12 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
                 log(f"  unet: {(time.time() - t0) / 21:.2f} s/step, about {(time.time() - t0) / 21 * steps / 60:.0f} min")
             if step % 250 == 0 or step == steps - 1:
                 log(f"  unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    save(ema.state_dict(), "unet.safetensors")
+    save(ema.state_dict(), out_name)
+    if raw_name:
+        import comfy.utils
+
+        comfy.utils.save_torch_file({k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
+                                    raw_name)
 
 
 def _views(rng, subjects, heldout_captions=None):
@@ -238,12 +261,16 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "identity", "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
     parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--unet-steps", type=int, default=1200, help="the shipped UNet: single-subject captions")
+    parser.add_argument("--stage2-steps", type=int, default=UNET_STEPS, help=(
+        "second stage, continued from the first: single-subject captions plus repetition images"))
+    parser.add_argument("--pairs", type=int, default=PAIRS, help="repetition images in the second stage")
+    parser.add_argument("--unet-raw", default=None, help="also write the second stage's raw (non-EMA) weights here")
     parser.add_argument("--measure-steps", type=int, default=800)
     parser.add_argument("--scene-steps", type=int, default=1200)
     parser.add_argument("--manifest-only", action="store_true", help="only rewrite MANIFEST.json")
@@ -263,24 +290,34 @@ def main(argv=None):
         return result
 
     data = None
-    if parts & {"vae", "unet"}:
+    if parts & {"vae", "unet", "unet_stage2"}:
         # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
         data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
         timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
-    if "unet" in parts:
+    if parts & {"unet", "unet_stage2"}:
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
             vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
-            captions = list(generator.TRAIN_CAPTIONS)
-            index = {c.key: i for i, c in enumerate(captions)}
+            captions = [c.text for c in generator.TRAIN_CAPTIONS]
+            pair_texts = [generator.pair_caption_text(*k) for k in generator.PAIR_CAPTIONS]
+            index = {text: i for i, text in enumerate(captions + pair_texts)}
+            pairs = generator.pair_dataset(args.pairs, seed=2) if "unet_stage2" in parts else None
             return (encode_latents(vae, data["images"][:args.images]),
-                    torch.tensor([index[c.key] for c in data["captions"][:args.images]]),
-                    caption_conditionings(clip, captions))
-        latents, cond_index, conds = timed("latents", latents_and_conds)
-        timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
+                    torch.tensor([index[c.text] for c in data["captions"][:args.images]]),
+                    None if pairs is None else encode_latents(vae, pairs["images"]),
+                    None if pairs is None else torch.tensor([index[t] for t in pairs["texts"]]),
+                    caption_conditionings(clip, captions + pair_texts))
+        latents, cond_index, pair_latents, pair_index, conds = timed("latents", latents_and_conds)
+        if "unet" in parts:  # single-subject captions only (the conditionings' pair rows are unused)
+            timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
+        if "unet_stage2" in parts:
+            base = {k: v.float() for k, v in host.load_file("unet.safetensors").items()}
+            timed("unet_stage2", build_unet, torch.cat([latents, pair_latents]), torch.cat([cond_index, pair_index]),
+                  conds, seed=52, steps=args.stage2_steps, lr=UNET_LR, init=base, ema_decay=UNET_EMA, warmup=100,
+                  out_name=CANDIDATE, raw_name=args.unet_raw)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:

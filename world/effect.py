@@ -20,20 +20,24 @@ import numpy as np
 from . import experiment
 from .base_report import RESULTS, grid_png
 
-OMEGAS = (0, 1, 2, 3, 5, 10)
-P_R = (0.0, 0.5, 0.9, 1.0)
+# omega_ref = 0 is plain attention bitwise (tests/test_ssa*.py): its point in the plot is plain sampling's
+# row, not run again; p_r = 0 is plain CFG on the SSA model, the same samples as "ssa w=3" (METHOD.md).
+OMEGAS = (1, 3, 5, 10)
+NO_MASK_OMEGAS = (3, 10)
+P_R = (0.5, 1.0)
 METRICS = ("identity", "pattern", "scene", "time", "position")
 
 
-def settings(omegas=OMEGAS, broken=True, interleaved=True):
+def settings(omegas=OMEGAS, no_mask_omegas=NO_MASK_OMEGAS, broken=True, p_rs=P_R):
+    """Plain; SSA with the mask over omegas; without the mask; the broken variants; interleaved guidance."""
     out = [experiment.Setting()]
-    for mask in ("subject", "none"):  # omega_ref = 0 is plain attention whatever the mask: run once
-        out += [experiment.Setting(float(w), mask) for w in omegas if w or mask == "subject"]
+    out += [experiment.Setting(float(w), "subject") for w in omegas]
+    out += [experiment.Setting(float(w), "none") for w in no_mask_omegas if w]
     if broken:
         out += [experiment.Setting(3.0, "inverted"), experiment.Setting(3.0, "subject", reference_sigma=14.6),
-                experiment.Setting(3.0, "subject", reference_sigma=2.0)]
-    if interleaved:
-        out += [experiment.Setting(3.0, "subject", p_r=p) for p in P_R]
+                experiment.Setting(3.0, "subject", transposed=True),
+                experiment.Setting(3.0, "subject", unconditional_reference=True)]
+    out += [experiment.Setting(3.0, "subject", p_r=p) for p in p_rs]
     return out
 
 
@@ -56,13 +60,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=experiment.STEPS)
     parser.add_argument("--cfg", type=float, default=experiment.CFG)
     parser.add_argument("--grid-subjects", type=int, default=8)
-    parser.add_argument("--no-interleaved", action="store_true", help="skip the interleaved-guidance sweep over p_r")
+    parser.add_argument("--omegas", type=float, nargs="*", default=OMEGAS, help="omega_ref with the mask")
+    parser.add_argument("--no-mask-omegas", type=float, nargs="*", default=NO_MASK_OMEGAS,
+                        help="omega_ref without the mask")
+    parser.add_argument("--p-r", type=float, nargs="*", default=P_R, help="interleaved guidance's p_r (none: skip)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     t0 = time.time()
     world = experiment.World()
     rows, grid = [], []
-    all_settings = settings(interleaved=not args.no_interleaved)
+    all_settings = settings(args.omegas, args.no_mask_omegas, p_rs=args.p_r)
     for i in range(args.subjects):
         case = experiment.make_case(i)
         oracle = experiment.oracle_images(case, args.seeds)
@@ -111,9 +118,10 @@ def plot(table, path):
     for ax, metric, label in zip(axes, ("identity", "pattern", "scene"),
                                  ("subject fidelity (identity cosine)", "pattern cells right", "scene read as prompted")):
         for mask, style in (("subject", "-o"), ("none", "--s")):
-            means = [table[f"ssa w={w:g} mask={mask if w else 'subject'}"][metric] for w in OMEGAS]
-            ax.errorbar(OMEGAS, [m for m, _ in means], yerr=[s for _, s in means], fmt=style, capsize=3,
-                        label=f"SSA, mask={mask}")
+            points = [(0, table["plain"][metric])] + [(w, table[f"ssa w={w:g} mask={mask}"][metric])
+                                                       for w in OMEGAS if f"ssa w={w:g} mask={mask}" in table]
+            ax.errorbar([w for w, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
+                        fmt=style, capsize=3, label=f"SSA, mask={mask}")
         for ref, colour in (("plain", "grey"), ("oracle (renders)", "green")):
             ax.axhline(table[ref][metric][0], color=colour, lw=1, ls=":", label=ref)
         ax.set_xlabel("omega_ref")

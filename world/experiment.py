@@ -9,7 +9,9 @@ is set, and measures the decoded images.
 A ``Setting`` can also describe a deliberately broken use of the method, at seams outside the pack:
 ``mask="inverted"`` passes 1 - mask (the subject's polarity reversed); ``reference_sigma`` adds noise of
 that sigma (in the model's latent units) to the reference latent before it reaches the node, so the
-reference the node noises to the current step is always noisier than the generated latent.
+reference the node noises to the current step is always noisier than the generated latent;
+``transposed`` transposes the reference latent and its mask (the reference's token grid read the wrong
+way round); ``unconditional_reference`` gives the reference pass the empty prompt instead of its caption.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Setting:
     mask: str = "subject"  # "subject" | "none" | "inverted"
     reference_sigma: float = 0.0
     p_r: float | None = None  # None: the KSampler path; else the pack's InterleavedCFGSampler node, w_r = cfg
+    transposed: bool = False  # broken: the reference latent and mask transposed (its token grid read as W x H)
+    unconditional_reference: bool = False  # the reference pass reads the empty prompt (the unconditional row)
 
     @property
     def name(self) -> str:
@@ -50,6 +54,8 @@ class Setting:
             return "plain"
         name = f"ssa w={self.omega_ref:g} mask={self.mask}"
         name += f" ref+sigma{self.reference_sigma:g}" if self.reference_sigma else ""
+        name += " transposed" if self.transposed else ""
+        name += " ref text=empty" if self.unconditional_reference else ""
         return name + (f" interleaved p_r={self.p_r:g}" if self.p_r is not None else "")
 
 
@@ -76,9 +82,10 @@ def oracle_images(case: Case, n: int) -> torch.Tensor:
 class World:
     """The shipped models, the text encodings and the pack's nodes, loaded once."""
 
-    def __init__(self):
+    def __init__(self, unet_file=None):
+        """unet_file: another UNet file to sample with (a diagnosis of a candidate), else the shipped one."""
         host.setup()
-        self.unet, self.vae, self.clip = host.world_models()
+        self.unet, self.vae, self.clip = host.world_models(str(unet_file) if unet_file else "unet.safetensors")
         self.nodes = host.nodes()
         self._text = {}
 
@@ -105,14 +112,18 @@ class World:
             g = torch.Generator().manual_seed(99 + case.index)
             scale = self.unet.model.latent_format.scale_factor
             reference = reference + setting.reference_sigma / scale * torch.randn(reference.shape, generator=g)
+        mask = case.reference_mask[None]
+        if setting.transposed:
+            reference, mask = reference.transpose(-1, -2).contiguous(), mask.transpose(-1, -2).contiguous()
         node = self.nodes["DreamTunerSelfSubjectAttention"]()
+        text = "" if setting.unconditional_reference else case.reference_caption.text
         kwargs = dict(model=self.unet, reference={"samples": reference}, omega_ref=float(setting.omega_ref),
-                      start_percent=0.0, end_percent=1.0,
-                      reference_conditioning=self.text(case.reference_caption.text), reference_seed=case.index)
+                      start_percent=0.0, end_percent=1.0, reference_conditioning=self.text(text),
+                      reference_seed=case.index)
         if setting.mask == "subject":
-            kwargs["reference_mask"] = case.reference_mask[None]
+            kwargs["reference_mask"] = mask
         elif setting.mask == "inverted":
-            kwargs["reference_mask"] = 1.0 - case.reference_mask[None]
+            kwargs["reference_mask"] = 1.0 - mask
         return getattr(node, node.FUNCTION)(**kwargs)[0]
 
     def sample(self, model, positive, batch: int, seed: int, steps: int = STEPS, cfg: float = CFG):

@@ -196,6 +196,34 @@ def render(subject: Subject, caption: Caption, rng: np.random.Generator):
     return img, mask, layout, (x0, y0, w, h)
 
 
+PLURALS = ("toys", "robots", "cars")
+
+
+def pair_caption_text(family: int, scene: int, time: int) -> str:
+    """The caption of a repetition image (UNet TRAINING captions only): "two toys on snow, by day"."""
+    return f"two {PLURALS[family]} on {SCENE_NAMES[scene]}, {TIMES[time]}"
+
+
+PAIR_CAPTIONS = tuple((f, sc, t) for f in range(len(FAMILIES)) for sc in range(len(SCENES)) for t in range(len(TIMES)))
+
+
+def render_pair(subject: Subject, scene: int, time: int, rng: np.random.Generator):
+    """A repetition image: the same subject twice, side by side (sizes drawn per copy: small/small,
+    small/big or big/small, so the copies fit), no second object. Natural images teach a diffusion model
+    within-image correspondence through repeated things; a world of single subjects has none, so these
+    renders (training captions only) give the UNet's self-attention a reason to carry appearance from one
+    place to another. (image uint8 [32,32,3], subject mask float32 [32,32])."""
+    sizes = [(0, 0), (0, 1), (1, 0)][int(rng.integers(3))]
+    first, mask1, _, box1 = render(subject, Caption(subject.family, sizes[0], scene, time, 0, 0), rng)
+    second, mask2, _, _ = render(subject, Caption(subject.family, sizes[1], scene, time, 2, 0), rng)
+    # the left copy over the right render, cut at the middle between them (their boxes never overlap)
+    w = _body_box(subject.family, sizes[0])[0]
+    cut = min(SIZE, box1[0] + w + 1)
+    image, mask = second.copy(), mask2.copy()
+    image[:, :cut], mask[:, :cut] = first[:, :cut], mask1[:, :cut]
+    return image, mask
+
+
 def saturated(image: np.ndarray) -> np.ndarray:
     """Boolean map of the pattern's colours (high saturation, not dark) in a float [0,1] or uint8 image."""
     x = image.astype(np.float32)
@@ -254,3 +282,15 @@ def dataset(n: int, seed: int, heldout: bool = False, heldout_captions: bool = F
         images.append(img), masks.append(m), layouts.append(lay), subjects.append(s), captions.append(c)
     return {"images": np.stack(images), "masks": np.stack(masks), "layouts": np.stack(layouts),
             "subjects": subjects, "captions": captions}
+
+
+def pair_dataset(n: int, seed: int):
+    """n repetition renders (``render_pair``) of random training subjects: images, masks, caption texts."""
+    rng = np.random.default_rng(seed)
+    images, masks, texts = [], [], []
+    for _ in range(n):
+        s = draw_subject(rng, False)
+        scene, time = int(rng.integers(len(SCENES))), int(rng.integers(len(TIMES)))
+        img, m = render_pair(s, scene, time, rng)
+        images.append(img), masks.append(m), texts.append(pair_caption_text(s.family, scene, time))
+    return {"images": np.stack(images), "masks": np.stack(masks), "texts": texts}

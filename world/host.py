@@ -169,12 +169,18 @@ def load_file(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def world_models():
-    """(unet ModelPatcher, vae, clip) from the shipped files, checked against the manifest first."""
+def world_models(unet_name="unet.safetensors"):
+    """(unet ModelPatcher, vae, clip) from the shipped files, checked against the manifest first.
+
+    unet_name: a path to another UNet file (a candidate under diagnosis), or a shipped file's name.
+    """
     from . import manifest
 
     manifest.verify()
-    unet = make_unet({k: v.float() for k, v in load_file("unet.safetensors").items()})
+    path = MODELS / unet_name if not pathlib.Path(unet_name).is_absolute() else pathlib.Path(unet_name)
+    import comfy.utils
+
+    unet = make_unet({k: v.float() for k, v in comfy.utils.load_torch_file(str(path), safe_load=True).items()})
     vae = make_vae({k: v.float() for k, v in load_file("vae.safetensors").items()})
     clip = make_clip({k: v.float() for k, v in load_file("clip_text.safetensors").items()})
     return unet, vae, clip
