@@ -25,15 +25,19 @@ class ReferenceFeatures:
         self._parts = {}
         self._joined = {}
 
-    def add(self, layer, k, v, bias):
-        self._parts.setdefault(layer, []).append((k, v, bias))
+    def add(self, layer, k, v, bias, source=None):
+        """Record one reference's kept keys/values on ``layer``. ``source`` names the reference: recording it
+        again replaces its entry, so a layer recomputed in the backward pass (gradient checkpointing while
+        fine-tuning) reads the same features as its forward did, not twice as many."""
+        parts = self._parts.setdefault(layer, {})
+        parts[len(parts) if source is None else source] = (k, v, bias)
         self._joined.pop(layer, None)
 
     def get(self, layer):
         """(k_ref, v_ref, log_m_ref) of every reference feeding ``layer``, or ``None``."""
         joined = self._joined.get(layer)
         if joined is None and layer in self._parts:
-            parts = self._parts[layer]
+            parts = list(self._parts[layer].values())
             joined = tuple(torch.cat(p, dim=0) if len(parts) > 1 else p[0] for p in zip(*parts))
             self._joined[layer] = joined
         return joined

@@ -93,4 +93,5 @@ class SelfSubjectAttentionReplace(PackPatch):
             if reference.feeds(layer):
                 row = call.n_generated + offset
                 index, bias = cache.kept(reference, k.shape[1], k)
-                call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias)
+                call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias,
+                                       source=id(reference))
