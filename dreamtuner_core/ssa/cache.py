@@ -145,3 +145,4 @@ class CallPlan:
     reference_rows: list
     levels: dict
     cache: Optional[RunCache] = None
+    generated_chunks: Optional[list] = None  # the host's cond_or_uncond of the generated rows

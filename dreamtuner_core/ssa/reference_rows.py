@@ -35,7 +35,8 @@ from .. import host
 from ..errors import DreamTunerInputError
 from ..keys import CALL_KEY, PLAN_KEY, STATE_KEY
 from .cache import CallPlan, ReferenceFeatures
-from .coexistence import check_model_injections, reference_pass_options, rides_along_safely
+from .coexistence import check_model_injections, observes_attention, reference_pass_options, rides_along_safely
+from .replace import SelfSubjectAttentionReplace
 
 
 class ReferenceBatchWrapper:
@@ -77,6 +78,8 @@ def apply_with_references(apply_model, x, t, **c):
     if not active:
         return apply_model(x, t, **c)
 
+    options = _observed(options, state)
+    c = dict(c, transformer_options=options)
     plan = options.get(PLAN_KEY)
     chunk_levels = [(plan.get(i, s) if plan is not None else s) if active_at[s] else None
                     for i, s in zip(cond_or_uncond, chunk_sigmas)]
@@ -147,11 +150,26 @@ def apply_with_references(apply_model, x, t, **c):
         c = reference_conditioning(c, along, positive_row, len(along), n, x.shape[-2:])
         call_options["cond_or_uncond"] = cond_or_uncond + [0] * (len(along) // per_chunk)
     call_levels = {**levels, **{lvl: pending[lvl] for lvl, _, _ in along}}
-    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache)
+    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache,
+                                      generated_chunks=cond_or_uncond)
     c = dict(c, transformer_options=call_options)
     out = apply_model(x, t, **c)
     levels.update({lvl: pending[lvl] for lvl, _, _ in along})
     return out[:n]
+
+
+def _observed(options, state):
+    """``options`` with each replacement that only observes the attention (SAG, set after this pack's on one of
+    its layers) wrapped by Eq. 3's replacement, which lets it record from the generated rows; the model's own
+    dicts are not changed."""
+    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    swaps = {key: SelfSubjectAttentionReplace(observer=patch) for key, patch in replaced.items()
+             if observes_attention(patch) and not isinstance(patch, SelfSubjectAttentionReplace)
+             and any(layer == key or layer[:2] == key for layer in state.layers)}
+    if not swaps:
+        return options
+    patches_replace = dict(options["patches_replace"], attn1={**replaced, **swaps})
+    return dict(options, patches_replace=patches_replace)
 
 
 def training_call(patcher, x, t, c):
