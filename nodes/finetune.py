@@ -92,7 +92,11 @@ class DreamTunerFinetune:
                 "token_lr": ("FLOAT", {"default": 5e-3, "min": 1e-8, "max": 0.1, "step": 1e-5, "round": False,
                                        "tooltip": "[S*] learning rate (paper: 5e-3)."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (LoRA mode)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": (
+                # control_after_generate said outright (the frontend draws it for a seed anyway): without it the
+                # frontend's legacy migration (migrateWidgetsValues) counts one value too few beside the forceInput
+                # full_unet_lr and drops the overwrite value from a saved workflow, shifting mask_mode into it.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                                 "tooltip": (
                     "Seeds the LoRA's initialisation, the pairs' order, mirroring, timesteps and noise: the "
                     "same inputs and seed give the same files.")}),
                 "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": (

@@ -365,8 +365,10 @@ NOTE_6 = """
 
 One graph, three stages, left to right:
 
-1. **Regular images**: the class prompt ("a photo of a plush toy") sampled 32 times (paper) with
-   Self-Subject-Attention (`omega_ref` 3.0, no mask) by the core KSampler.
+1. **Regular images**, as the paper makes them: 32 images (batch 32) from a **detailed caption of your
+   subject** (the green "Caption of the reference" prompt: edit it to describe your picture: kind, colours,
+   shape, material, pose), with the subject encoder (`beta` 0.2) and Self-Subject-Attention (`omega_ref` 3.0)
+   **without the mask**, by the core KSampler.
 2. **Finetune subject**: trains a LoRA and the `[S*]` token on the subject (background made white with its
    alpha) and the regular images. It writes `models/loras/my_plush_toy.safetensors` and
    `models/embeddings/my_plush_toy.safetensors`; later graphs load them with LoraLoader and write
@@ -374,51 +376,59 @@ One graph, three stages, left to right:
 3. **Generate**: "a photo of a plush toy embedding:my_plush_toy ..." with Self-Subject-Attention and the
    interleaved CFG sampler.
 
-**Change**: the subject PNG; `class_word` and the class word in both prompts (e.g. "dog"); `subject_name`
-(a new name per subject); the scene prompt. `overwrite` is off: a changed input under the same
-`subject_name` stops with an error instead of replacing a finished subject's files; choose a new name, or
-turn `overwrite` on to train again under this one.
+**Change**: the subject PNG; the caption of the reference; `class_word` and the class word in the generation
+prompt (e.g. "dog"); `subject_name` (a new name per subject); the scene prompt. `overwrite` is off: a changed
+input under the same `subject_name` stops with an error instead of replacing a finished subject's files;
+choose a new name, or turn `overwrite` on to train again under this one.
 
 **Time**: the paper's run (SD1.5, 512 px, 800 steps) is GPU work (the target: about 5 minutes on one
 H100-class GPU; the README's benchmark gives measured step times). On a CPU, try the graph with `steps` 20,
 a 256 px subject and 4 regular images. The 32 regular images take as long as 32 ordinary images.
 `gradient_checkpointing` trades about a third more time for much less memory.
 
-Model: `{ckpt}` in models/checkpoints.
-"""
+Models: `{ckpt}` in models/checkpoints, `{vision}` in models/clip_vision, the encoder in models/dreamtuner.
+""" + NOTE_ENCODER
 CLASS_WORD, SUBJECT_NAME = "plush toy", "my_plush_toy"
+# The regular images' prompt (paper, appendix B): a detailed caption of the reference, which the user edits.
+REFERENCE_CAPTION = ("a photo of a small red plush toy with big round black eyes, two round ears and a stitched "
+                     "smile, soft felt fabric, sitting upright, front view, plain white background")
 
 
 def workflow_6(object_info):
     g = Graph(object_info)
-    g.note(0, NOTE_6.format(ckpt=SD15), height=620)
+    g.note(0, NOTE_6.format(ckpt=SD15, vision=CLIP_VISION, encoder=ENCODER), height=820)
     ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
     subject, reference = _subject_nodes(g, 1, ckpt)
-    # 1. regular images: "a <class word>", self-subject-attention without a mask, batch 32
-    regular_pos, regular_neg = _prompts(g, 2, ckpt, positive=f"a photo of a {CLASS_WORD}")
+    # 1. regular images (paper): a detailed caption of the reference, the subject encoder at beta 0.2 and
+    #    self-subject-attention without the mask, batch 32
+    regular_pos = g.add("CLIPTextEncode", 2, title="Caption of the reference (edit: describe your subject)",
+                        color=GREEN, box_height=200, clip=(ckpt, "CLIP"), text=REFERENCE_CAPTION)
+    regular_neg = g.add("CLIPTextEncode", 2, title="Negative prompt", color=RED, box_height=130,
+                        clip=(ckpt, "CLIP"), text=NEGATIVE)
     regular_latent = g.add("EmptyLatentImage", 2, title="32 regular images", width=512, height=512, batch_size=32)
-    regular_ssa = g.add("DreamTunerSelfSubjectAttention", 3, title="Self-Subject-Attention (regular images)",
-                        model=(ckpt, "MODEL"), reference=(reference, "LATENT"), omega_ref=3.0)
-    regular = g.add("KSampler", 3, title="Regular images", model=(regular_ssa, "model"),
+    regular_encoder = _encoder(g, 3, (ckpt, "MODEL"), subject)
+    regular_ssa = g.add("DreamTunerSelfSubjectAttention", 3, title="Self-Subject-Attention (regular images, no mask)",
+                        model=(regular_encoder, "model"), reference=(reference, "LATENT"), omega_ref=3.0)
+    regular = g.add("KSampler", 4, title="Regular images", model=(regular_ssa, "model"),
                     positive=(regular_pos, "CONDITIONING"), negative=(regular_neg, "CONDITIONING"),
                     latent_image=(regular_latent, "LATENT"), seed=1234, steps=25, cfg=7.0,
                     sampler_name="euler_ancestral", scheduler="karras")
-    regular_images = g.add("VAEDecode", 3, samples=(regular, "LATENT"), vae=(ckpt, "VAE"))
+    regular_images = g.add("VAEDecode", 4, samples=(regular, "LATENT"), vae=(ckpt, "VAE"))
     # 2. fine-tuning
-    tuned = g.add("DreamTunerFinetune", 4, model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), vae=(ckpt, "VAE"),
+    tuned = g.add("DreamTunerFinetune", 5, model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), vae=(ckpt, "VAE"),
                   reference=(subject, "IMAGE"), regular_images=(regular_images, "IMAGE"), mask=(subject, "MASK"),
                   mask_mode=ALPHA, class_word=CLASS_WORD, subject_name=SUBJECT_NAME, overwrite=False,
                   box_height=560)
-    g.add("PreviewImage", 4, title="Loss curve", box_height=300, images=(tuned, "loss_curve"))
+    g.add("PreviewImage", 5, title="Loss curve", box_height=300, images=(tuned, "loss_curve"))
     # 3. generation with [S*], self-subject-attention and interleaved guidance
-    pos = g.add("CLIPTextEncode", 5, title="Positive prompt", color=GREEN, box_height=160, clip=(tuned, "clip"),
+    pos = g.add("CLIPTextEncode", 6, title="Positive prompt", color=GREEN, box_height=160, clip=(tuned, "clip"),
                 text=f"a photo of a {CLASS_WORD} embedding:{SUBJECT_NAME} sitting on the moon, earth in the sky")
-    neg = g.add("CLIPTextEncode", 5, title="Negative prompt", color=RED, box_height=130, clip=(tuned, "clip"),
+    neg = g.add("CLIPTextEncode", 6, title="Negative prompt", color=RED, box_height=130, clip=(tuned, "clip"),
                 text=NEGATIVE)
-    latent = g.add("EmptyLatentImage", 5, width=512, height=512)
-    ssa = _ssa(g, 6, (tuned, "model"), reference, (subject, "MASK"))
-    samples = _sampler(g, 6, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
-    _finish(g, 7, (samples, "LATENT"), ckpt, "dreamtuner/finetuned")
+    latent = g.add("EmptyLatentImage", 6, width=512, height=512)
+    ssa = _ssa(g, 7, (tuned, "model"), reference, (subject, "MASK"))
+    samples = _sampler(g, 7, ssa, (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent)
+    _finish(g, 8, (samples, "LATENT"), ckpt, "dreamtuner/finetuned")
     return g.workflow()
 
 

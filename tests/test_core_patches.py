@@ -56,19 +56,66 @@ def test_works_in_either_order(sd15, name, order):
     assert not torch.equal(both, run(ssa(model, reference), pos, neg, latent)), f"{name} acts"
 
 
-def test_self_attention_guidance_names_itself_and_the_fix_in_either_order(sd15):
+def blur_maps(monkeypatch, model, pos, neg, latent):
+    """Sample ``model``; returns the output and the attention map SAG's post-CFG step blurs with, at each step."""
+    sag_module = importlib.import_module("comfy_extras.nodes_sag")
+    maps, original = [], sag_module.create_blur_map
+
+    def spy(x0, attn, *args, **kwargs):
+        maps.append(attn.detach().clone())
+        return original(x0, attn, *args, **kwargs)
+
+    monkeypatch.setattr(sag_module, "create_blur_map", spy)
+    out = run(model, pos, neg, latent)
+    monkeypatch.undo()
+    return out, maps
+
+
+@pytest.mark.parametrize("order", ["other first", "dreamtuner first"])
+def test_self_attention_guidance_and_self_subject_attention_both_act_in_either_order(sd15, order, monkeypatch):
+    """SAG reads the middle block's attention of the generated uncond rows; on that layer Eq. 3 makes the
+    output and SAG records from the generated rows alone (their own keys, no reference row or key)."""
     model, pos, neg, latent, reference = sd15
-    with pytest.raises(DreamTunerInputError, match=r"attn_and_record.*middle\.0\.0.*'blocks'"):
-        ssa(core_node("SelfAttentionGuidance", model), reference)
-    after = core_node("SelfAttentionGuidance", ssa(model, reference))  # replaces the middle block's attention
-    with pytest.raises(DreamTunerInputError, match=r"attn_and_record.*middle\.0\.0.*'blocks'"):
-        run(after, pos, neg, latent)
-    # The fix the message gives: leave the middle block to SAG.
     sag = core_node("SelfAttentionGuidance", model)
-    for combined in (ssa(sag, reference, blocks="input, output"),
-                     core_node("SelfAttentionGuidance", ssa(model, reference, blocks="input, output"))):
-        both = run(combined, pos, neg, latent)
-        assert torch.isfinite(both).all() and not torch.equal(both, run(sag, pos, neg, latent))
+    combined = ssa(sag, reference) if order == "other first" else core_node("SelfAttentionGuidance", ssa(model, reference))
+    both, maps = blur_maps(monkeypatch, combined, pos, neg, latent)
+    sag_only, sag_maps = blur_maps(monkeypatch, sag, pos, neg, latent)
+    assert torch.isfinite(both).all()
+    assert not torch.equal(both, sag_only), "the reference acts"
+    assert not torch.equal(both, run(ssa(model, reference), pos, neg, latent)), "SAG acts"
+    # One map per step, shaped as SAG alone makes it: [heads x the uncond rows, tokens, tokens]
+    assert len(maps) == len(sag_maps) == 2 and all(m.shape == s.shape for m, s in zip(maps, sag_maps))
+    assert maps[0].shape[-1] == maps[0].shape[-2]  # own keys only: no reference key
+
+
+def test_self_attention_guidance_records_the_generated_rows_map_it_makes_alone(sd15, monkeypatch):
+    """With Eq. 3 on the middle block only, everything before it is the plain model: at the first step SAG's map
+    (recorded beside Eq. 3, with the reference rows in the same call) is the map SAG alone records, bitwise
+    (measured: the same rows through the same plain attention)."""
+    model, pos, neg, latent, reference = sd15
+    sag = core_node("SelfAttentionGuidance", model)
+    for combined in (ssa(sag, reference, blocks="middle"),
+                     core_node("SelfAttentionGuidance", ssa(model, reference, blocks="middle"))):
+        _, maps = blur_maps(monkeypatch, combined, pos, neg, latent)
+        _, alone = blur_maps(monkeypatch, sag, pos, neg, latent)
+        assert torch.equal(maps[0], alone[0])
+        assert not torch.allclose(maps[1], alone[1])  # from the second step on the reference has changed x
+
+
+def test_an_attention_replacement_that_does_not_only_observe_is_still_refused_by_name(sd15):
+    model, pos, neg, latent, reference = sd15
+
+    def my_attention(q, k, v, extra_options):
+        return q
+
+    other = model.clone()
+    other.set_model_attn1_replace(my_attention, "middle", 0, 0)
+    with pytest.raises(DreamTunerInputError, match=r"my_attention.*middle\.0\.0.*'blocks'"):
+        ssa(other, reference)
+    after = ssa(model, reference).clone()
+    after.set_model_attn1_replace(my_attention, "middle", 0, 0)
+    with pytest.raises(DreamTunerInputError, match=r"my_attention.*middle\.0\.0.*'blocks'"):
+        run(after, pos, neg, latent)
 
 
 def test_hypertile_tiles_read_their_items_reference(sd15, monkeypatch):
@@ -111,3 +158,4 @@ def test_a_pack_calling_the_attention_on_part_of_the_rows_gets_eq3_for_them():
     mixed = CallPlan(n_generated=2, groups=[(0, 1, 1.0), (1, 2, None)], reference_rows=[], levels={1.0: features})
     with pytest.raises(DreamTunerInputError, match="Reference ControlNet.*KSampler"):
         SelfSubjectAttentionReplace()(q, k, v, dict(options, **{CALL_KEY: mixed}))
+

@@ -278,3 +278,34 @@ def test_set_widget_writes_the_value_where_the_ui_keeps_it():
     saved["widgets_values"] = {"ckpt_name": "a.safetensors"}  # some packs save a dict
     wf.set_widget(saved, DEFS["CheckpointLoaderSimple"], "ckpt_name", "b.safetensors")
     assert wf.widget_values(saved, DEFS["CheckpointLoaderSimple"]) == {"ckpt_name": "b.safetensors"}
+
+
+def frontend_migration_drops(definition, values):
+    """The indices of ``values`` the frontend (1.39, ``migrateWidgetsValues``) drops when it loads a node: it lists
+    each input that is a widget or forceInput (a ``control_after_generate`` flag in the spec adds a slot) and, when
+    that list is exactly as long as ``widgets_values``, drops the values at the forceInput places (values an older
+    frontend saved for forceInput widgets)."""
+    widget_names = {w.input for w in wf.widgets(definition) if w.input}
+    slots = []
+    for name, spec in wf.spec_inputs(definition):
+        options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if name in widget_names or options.get("forceInput"):
+            slots += [bool(options.get("forceInput"))] + ([False] if options.get("control_after_generate") else [])
+    return [i for i, forced in enumerate(slots) if forced] if len(slots) == len(values) else []
+
+
+def test_the_frontend_migration_rule_as_recorded_from_the_real_page():
+    """Recorded through the v0.15.1 page: with the seed's control implicit, DreamTunerFinetune's 14 values met the
+    14 slots and the page dropped the value at full_unet_lr's place (overwrite's), reading mask_mode's into it."""
+    definition = json.loads(json.dumps(DEFS["DreamTunerFinetune"]))
+    values = next(n for n in wf.load(next(p for p in WORKFLOWS if p.stem.startswith("dreamtuner_6")))["nodes"]
+                  if n["type"] == "DreamTunerFinetune")["widgets_values"]
+    definition["input"]["required"]["seed"][1].pop("control_after_generate")
+    assert frontend_migration_drops(definition, values) == [12]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_the_frontend_keeps_every_widget_value_of_the_workflow(path):
+    for node in wf.load(path)["nodes"]:
+        if node["type"] in DEFS and node["type"] not in wf.UI_ONLY_NODES:
+            assert frontend_migration_drops(DEFS[node["type"]], node.get("widgets_values") or []) == [], node["type"]

@@ -35,7 +35,9 @@ import torch
 
 from ..errors import DreamTunerInputError
 from ..files import write_safetensors
+from ..keys import STATE_KEY
 from ..references import MASK_SUBJECT_IS_ONE
+from ..ssa.reference_rows import training_call
 from ..subject_encoder.file import save_encoder
 from ..subject_encoder.patch import SubjectEncoderPatch, encoder_patch_of, with_encoder_patch
 from ..training.host_training import (autocast, autocast_dtype, grad_mode, gradient_checkpointing,
@@ -102,10 +104,13 @@ def _adm(model, pooled, height, width):
 
 
 def _memory_estimate(model, latents_shape, checkpointing):
-    """Bytes to ask the memory manager for: weights plus activations of a batch-2 step."""
+    """Bytes to ask the memory manager for: weights plus activations of a batch-2 step (and the reference
+    rows self-subject-attention adds to it: one per reference and training row)."""
     params = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     pixels = latents_shape[-1] * latents_shape[-2]
-    activations = pixels * 2 * 1.2e5 * (0.3 if checkpointing else 1.0)
+    state = model.model_options.get("transformer_options", {}).get(STATE_KEY)
+    rows = 2 * (1 + len(getattr(state, "references", ())))
+    activations = pixels * rows * 1.2e5 * (0.3 if checkpointing else 1.0)
     return params + int(activations)
 
 
@@ -282,9 +287,16 @@ def _step(work, clip, model_sampling, reference, regular, subject_tokens, plain_
 
 
 def predict(model, x_t, sigma, cond, extra=None):
-    """The model's denoised prediction with its own transformer patches, as a sampler's evaluation runs it."""
+    """The model's denoised prediction with its own transformer patches, as a sampler's evaluation runs it.
+
+    On a model that carries Self-Subject-Attention the prediction goes through its reference path
+    (:func:`~..ssa.reference_rows.training_call`): each row attends to the reference noised to that row's
+    own noise level (Eq. 3 in the loss, the paper's Stage 2).
+    """
     transformer_options = dict(model.model_options.get("transformer_options", {}))
     transformer_options["cond_or_uncond"] = [0]
     transformer_options["sigmas"] = sigma
-    return model.model.apply_model(x_t, sigma, c_crossattn=cond, transformer_options=transformer_options,
-                                   **(extra or {}))
+    c = dict(extra or {}, c_crossattn=cond, transformer_options=transformer_options)
+    if transformer_options.get(STATE_KEY) is not None:
+        return training_call(model, x_t, sigma, c)
+    return model.model.apply_model(x_t, sigma, **c)

@@ -17,7 +17,7 @@ import safetensors
 import torch
 
 from ..errors import DreamTunerInputError
-from ..keys import ENCODER_PATCH_SLOT
+from ..keys import ENCODER_PATCH_SLOT, STATE_KEY
 from ..subject_encoder.file import load_encoder
 from ..subject_encoder.patch import SubjectEncoderPatch, with_encoder_patch
 from .settings import FinetuneResult, OutputFolders
@@ -98,6 +98,18 @@ def _options_fingerprint(h, model):
         if isinstance(tokens, torch.Tensor):
             _tensor_digest(h, tokens)
             h.update(repr(getattr(patch, "beta", None)).encode())
+    _ssa_fingerprint(h, options.get("transformer_options", {}).get(STATE_KEY))
+
+
+def _ssa_fingerprint(h, state):
+    """Self-subject-attention's references, which training attends (Eq. 3 in the loss): latent, noise, mask,
+    omega_ref, active range, layers, caption."""
+    for reference in getattr(state, "references", ()):
+        h.update(f"ssa:{reference.omega_ref}:{reference.sigma_start}:{reference.sigma_end}:"
+                 f"{sorted(reference.layers) if reference.layers is not None else None}".encode())
+        for tensor in (reference.latent, reference.noise, reference.mask, reference.context):
+            if tensor is not None:
+                _tensor_digest(h, tensor)
 
 
 def _vae_fingerprint(h, vae):

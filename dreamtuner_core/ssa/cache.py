@@ -26,21 +26,27 @@ class ReferenceFeatures:
         self._joined = {}
         self._bias_free = {}
 
-    def add(self, layer, k, v, bias, bias_free=False):
-        """bias_free: every bias of this part is 0 (``omega_ref * m^r = 1``), known without reading ``bias``."""
-        self._parts.setdefault(layer, []).append((k, v, bias))
-        self._bias_free[layer] = self._bias_free.get(layer, True) and bool(bias_free)
+    def add(self, layer, k, v, bias, bias_free=False, source=None):
+        """Record one reference's kept keys/values on ``layer``. ``source`` names the reference: recording it
+        again replaces its entry, so a layer recomputed in the backward pass (gradient checkpointing while
+        fine-tuning) reads the same features as its forward did, not twice as many. ``bias_free``: every
+        bias of this part is 0 (``omega_ref * m^r = 1``), known without reading ``bias``."""
+        parts = self._parts.setdefault(layer, {})
+        key = len(parts) if source is None else source
+        parts[key] = (k, v, bias)
+        self._bias_free.setdefault(layer, {})[key] = bool(bias_free)
         self._joined.pop(layer, None)
 
     def bias_free(self, layer) -> bool:
         """Whether every reference bias of ``layer`` is 0 (Eq. 3 is then attention over the joined keys as they are)."""
-        return self._bias_free.get(layer, False)
+        free = self._bias_free.get(layer)
+        return bool(free) and all(free.values())
 
     def get(self, layer):
         """(k_ref, v_ref, log_m_ref) of every reference feeding ``layer``, or ``None``."""
         joined = self._joined.get(layer)
         if joined is None and layer in self._parts:
-            parts = self._parts[layer]
+            parts = list(self._parts[layer].values())
             joined = tuple(torch.cat(p, dim=0) if len(parts) > 1 else p[0] for p in zip(*parts))
             self._joined[layer] = joined
         return joined
@@ -157,3 +163,4 @@ class CallPlan:
     reference_rows: list
     levels: dict
     cache: Optional[RunCache] = None
+    generated_chunks: Optional[list] = None  # the host's cond_or_uncond of the generated rows

@@ -65,18 +65,30 @@ def replacement_conflict(other, layer) -> str:
             "example 'input, output' when the other patch is on the middle block), or remove the other patch.")
 
 
+def observes_attention(patch) -> bool:
+    """An ``attn1`` replacement that only reads the layer's attention of the generated rows and gives back
+    plain attention: the core Self-Attention Guidance node's ``attn_and_record`` (``comfy_extras.nodes_sag``,
+    both cores), which keeps the middle block's attention map of the uncond rows for its blur. On a layer
+    with Eq. 3 the pack computes the output and lets it record from the generated rows alone
+    (:class:`~.replace.SelfSubjectAttentionReplace` ``observer``)."""
+    function = getattr(patch, "observer", patch)
+    return (getattr(function, "__module__", "") == "comfy_extras.nodes_sag"
+            and getattr(function, "__qualname__", "").endswith(".attn_and_record"))
+
+
 def check_replacements(state, options):
     """A node placed after Self-Subject-Attention may have replaced its attention on some layers.
 
     Checked against the sampler's model options (the post-CFG hook): another node's replacement for
-    one pass of its own (Perturbed-Attention Guidance) only applies to that pass and is fine.
+    one pass of its own (Perturbed-Attention Guidance) only applies to that pass and is fine, and one that
+    only observes the attention (:func:`observes_attention`, SAG) runs beside Eq. 3.
     """
     replace = options.get("patches_replace") or {}
     for layer in sorted(state.layers):
         # joint-attention blocks (Flux, SD3) are the host's "dit" block keys, UNet layers its "attn1" keys
         replaced = (replace.get("dit") if layer[0] in ("double_block", "single_block") else replace.get("attn1")) or {}
         current = replaced.get(layer) or replaced.get(layer[:2])
-        if not is_own_patch(current):
+        if not is_own_patch(current) and not observes_attention(current):
             raise DreamTunerInputError(replacement_conflict(current, layer))
 
 

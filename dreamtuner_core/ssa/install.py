@@ -22,7 +22,7 @@ from ..references import (MASK_SUBJECT_IS_ONE, Reference, check_reference_latent
                           sigma_range)
 from . import joint
 from .cache import SelfSubjectAttentionState, end_of_run
-from .coexistence import check_replacements, replacement_conflict
+from .coexistence import check_replacements, observes_attention, replacement_conflict
 from .reference_rows import ReferenceBatchWrapper
 from .replace import SelfSubjectAttentionReplace
 
@@ -94,10 +94,13 @@ def add_self_subject_attention(model, references, layers, positions="offset"):
     existing = options.get("patches_replace", {}).get("attn1", {})
     for key in targets:
         current = existing.get(key) or existing.get(key[:2])
-        if current is not None and not isinstance(current, SelfSubjectAttentionReplace):
+        if isinstance(current, SelfSubjectAttentionReplace):
+            continue
+        if current is not None and not observes_attention(current):
             raise DreamTunerInputError(replacement_conflict(current, key))
-        if current is None:
-            clone.set_model_attn1_replace(replace, key[0], key[1], key[2])
+        # a replacement that only observes (SAG) keeps recording, from the generated rows
+        clone.set_model_attn1_replace(replace if current is None else SelfSubjectAttentionReplace(observer=current),
+                                      key[0], key[1], key[2])
 
     wrapper = clone.model_options.get("model_function_wrapper")
     if not isinstance(wrapper, ReferenceBatchWrapper):

@@ -337,7 +337,8 @@ class JointAttention:
             if turn is not None:
                 k_r = rotate(k_r, heads, turn)
             index, bias = cache.kept(reference, k_r.shape[0], k_r)
-            call.levels[sigma].add(self.layer, select_tokens(k_r, index), select_tokens(v_r, index), bias)
+            call.levels[sigma].add(self.layer, select_tokens(k_r, index), select_tokens(v_r, index), bias,
+                                    source=id(reference))
 
     def _turn(self, reference, like):
         """The rotation that moves the reference past the generated image (offset positions), or None."""

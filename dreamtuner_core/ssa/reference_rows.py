@@ -32,9 +32,11 @@ import functools
 import torch
 
 from .. import host
+from ..errors import DreamTunerInputError
 from ..keys import CALL_KEY, PLAN_KEY, STATE_KEY
 from .cache import CallPlan, ReferenceFeatures
-from .coexistence import check_model_injections, reference_pass_options, rides_along_safely
+from .coexistence import check_model_injections, observes_attention, reference_pass_options, rides_along_safely
+from .replace import SelfSubjectAttentionReplace
 
 
 class ReferenceBatchWrapper:
@@ -65,14 +67,27 @@ def apply_with_references(apply_model, x, t, **c):
     options = c.get("transformer_options") or {}
     state = options.get(STATE_KEY)
     sigma = float(t.max())
-    active = [r for r in state.references if r.is_active(sigma)] if state is not None else []
+    cond_or_uncond = list(options.get("cond_or_uncond") or [0])
+    per_chunk = x.shape[0] // len(cond_or_uncond)
+    # Each chunk's own noise level: the step's sigma when sampling; a fine-tuning batch gives every row a
+    # chunk of its own, at its own training noise level (:func:`training_call`).
+    chunk_sigmas = [float(t[k * per_chunk:(k + 1) * per_chunk].max()) for k in range(len(cond_or_uncond))]
+    references = state.references if state is not None else ()
+    active_at = {s: [r for r in references if r.is_active(s)] for s in set(chunk_sigmas)}
+    active = [r for r in references if any(any(r is a for a in rs) for rs in active_at.values())]
     if not active:
         return apply_model(x, t, **c)
 
-    cond_or_uncond = list(options.get("cond_or_uncond") or [0])
-    per_chunk = x.shape[0] // len(cond_or_uncond)
+    options = _observed(options, state)
+    c = dict(c, transformer_options=options)
     plan = options.get(PLAN_KEY)
-    chunk_levels = [plan.get(i, sigma) if plan is not None else sigma for i in cond_or_uncond]
+    chunk_levels = [(plan.get(i, s) if plan is not None else s) if active_at[s] else None
+                    for i, s in zip(cond_or_uncond, chunk_sigmas)]
+    level_references = {}  # the references active at the noise level of the chunks reading each level
+    for level, s in zip(chunk_levels, chunk_sigmas):
+        if level is not None:
+            known = level_references.setdefault(level, [])
+            known.extend(r for r in active_at[s] if not any(r is k for k in known))
     groups = []
     for index, level in enumerate(chunk_levels):
         start, end = index * per_chunk, (index + 1) * per_chunk
@@ -114,7 +129,7 @@ def apply_with_references(apply_model, x, t, **c):
     along, apart = [], []
     fast = rides_along_safely(c)
     for level in pending:
-        for reference in active:
+        for reference in level_references[level]:
             context = reference.context if reference.context is not None else text
             fits = fast and (tuple(reference.latent.shape[-2:]) == tuple(x.shape[-2:])
                              and (context is None or crossattn is None or context.shape[1] == crossattn.shape[1]))
@@ -140,11 +155,59 @@ def apply_with_references(apply_model, x, t, **c):
         c = reference_conditioning(c, along, positive_row, len(along), n, x.shape[-2:], cache.positive_extras)
         call_options["cond_or_uncond"] = cond_or_uncond + [0] * (len(along) // per_chunk)
     call_levels = {**levels, **{lvl: pending[lvl] for lvl, _, _ in along}}
-    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache)
+    call_options[CALL_KEY] = CallPlan(n, groups, [(lvl, r) for lvl, r, _ in along], call_levels, cache,
+                                      generated_chunks=cond_or_uncond)
     c = dict(c, transformer_options=call_options)
     out = apply_model(x, t, **c)
     levels.update({lvl: pending[lvl] for lvl, _, _ in along})
     return out[:n]
+
+
+def _observed(options, state):
+    """``options`` with each replacement that only observes the attention (SAG, set after this pack's on one of
+    its layers) wrapped by Eq. 3's replacement, which lets it record from the generated rows; the model's own
+    dicts are not changed."""
+    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    swaps = {key: SelfSubjectAttentionReplace(observer=patch) for key, patch in replaced.items()
+             if observes_attention(patch) and not isinstance(patch, SelfSubjectAttentionReplace)
+             and any(layer == key or layer[:2] == key for layer in state.layers)}
+    if not swaps:
+        return options
+    patches_replace = dict(options["patches_replace"], attn1={**replaced, **swaps})
+    return dict(options, patches_replace=patches_replace)
+
+
+def training_call(patcher, x, t, c):
+    """A fine-tuning prediction through the model's self-subject-attention, as a sampler's call runs it.
+
+    The host's sampler calls the model's ``model_function_wrapper`` (this pack's
+    :class:`ReferenceBatchWrapper`, and any wrapper chained around it); training does the same, with every
+    row of the batch a chunk of its own so that each row reads the reference noised to its own training
+    noise level (``t`` per row), by the same forward process and noise as in sampling. The reference
+    rows ride in the batch, with gradients through them. Nothing is kept between calls: the weights
+    change at every step, so features of an earlier step are never read again.
+    """
+    options = c["transformer_options"]
+    state = options[STATE_KEY]
+    wrapper = patcher.model_options.get("model_function_wrapper")
+    cond_or_uncond = [0] * x.shape[0]
+    c = dict(c, transformer_options=dict(options, cond_or_uncond=cond_or_uncond))
+    state.cache.clear()
+    try:
+        if wrapper is None:
+            out = None
+        else:
+            out = wrapper(patcher.model.apply_model, {"input": x, "timestep": t, "c": c,
+                                                      "cond_or_uncond": cond_or_uncond})
+        if out is None or state.cache.bypassed:
+            raise DreamTunerInputError(
+                f"model: its Self-Subject-Attention cannot run during fine-tuning: the model wrapper "
+                f"{host.describe(wrapper)}, set by a node after Self-Subject-Attention, replaced the pack's "
+                "wrapper without calling it (sampling would not run it either). Put Self-Subject-Attention "
+                "after that node, or remove that node.")
+        return out
+    finally:
+        state.cache.clear()
 
 
 def _group_by_shape(rows):

@@ -19,8 +19,13 @@ class SelfSubjectAttentionReplace(PackPatch):
     """``attn1`` replacement: records reference rows, applies Eq. 3 to generated rows.
 
     Stateless: everything it reads comes from ``extra_options``, so one object
-    serves every patched layer and every clone of the model.
+    serves every patched layer and every clone of the model. ``observer``: another node's replacement on
+    this layer that only reads the attention (SAG, :func:`~.coexistence.observes_attention`); it is called
+    with the generated rows alone (their own keys, their own ``cond_or_uncond``) and its output dropped.
     """
+
+    def __init__(self, observer=None):
+        self.observer = observer
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -28,6 +33,8 @@ class SelfSubjectAttentionReplace(PackPatch):
         kwargs = host.attention_kwargs(attention, extra_options)
         call = extra_options.get(CALL_KEY)
         if call is None:
+            if self.observer is not None:  # no reference this call: the observing node's own attention
+                return self.observer(q, k, v, extra_options)
             state, sigmas = extra_options.get(STATE_KEY), extra_options.get("sigmas")
             if state is not None and sigmas is not None and any(r.is_active(float(sigmas.max()))
                                                                  for r in state.references):
@@ -55,6 +62,8 @@ class SelfSubjectAttentionReplace(PackPatch):
                 runs[-1] = (runs[-1][0], end, None, None)
             else:
                 runs.append((start, end, features, features is not None and level.bias_free(layer)))
+        if self.observer is not None and n and call.generated_chunks:
+            self.observer(q[:n], k[:n], v[:n], dict(extra_options, cond_or_uncond=list(call.generated_chunks)))
         outputs = []
         for start, end, features, bias_free in runs:
             qs, ks, vs = q[start:end], k[start:end], v[start:end]
@@ -98,4 +107,4 @@ class SelfSubjectAttentionReplace(PackPatch):
                 row = call.n_generated + offset
                 index, bias = cache.kept(reference, k.shape[1], k)
                 call.levels[sigma].add(layer, select_tokens(k[row], index), select_tokens(v[row], index), bias,
-                                       bias_free=cache.bias_free(reference, k.shape[1], k))
+                                       bias_free=cache.bias_free(reference, k.shape[1], k), source=id(reference))
