@@ -8,7 +8,6 @@ sigma, and differs from the call at the other row's sigma; the softmax mass on t
 recomputed by hand from the attention's inputs, is substantial and grows with omega_ref.
 """
 
-import functools
 
 import pytest
 import torch
@@ -123,30 +122,25 @@ def test_each_training_row_reads_the_reference_at_its_own_noise_level_as_the_sam
 
 
 def reference_mass(model, parts, monkeypatch):
-    """Softmax mass on the reference keys in every biased attention call of a training prediction, from the
-    call's q, keys and bias recomputed by hand (per head)."""
-    from comfyui_dreamtuner.dreamtuner_core import host
+    """Softmax mass on the reference keys in every Eq. 3 call of a training prediction, from the call's q,
+    own keys, reference keys and log-mask bias recomputed by hand (per head)."""
+    from comfyui_dreamtuner.dreamtuner_core.ssa import replace
 
     masses = []
-    original = host.biased_attention_function
+    original = replace.self_subject_attention
 
-    def spying():
-        attention = original()
+    def spy(q, k, v, k_ref, v_ref, log_m_ref, heads, *args, **kwargs):
+        b, n, inner = q.shape
+        d = inner // heads
+        qh = q.reshape(b, n, heads, d).transpose(1, 2)
+        keys = torch.cat([k, k_ref.unsqueeze(0).expand(b, -1, -1)], dim=1)
+        kh = keys.reshape(b, keys.shape[1], heads, d).transpose(1, 2)
+        bias = torch.cat([log_m_ref.new_zeros(k.shape[1]), log_m_ref.to(q.dtype)])
+        weights = torch.softmax(qh @ kh.transpose(-1, -2) / d ** 0.5 + bias.view(1, 1, 1, -1), dim=-1)
+        masses.append(float(weights[..., k.shape[1]:].sum(-1).mean().detach()))  # keys past the row's own
+        return original(q, k, v, k_ref, v_ref, log_m_ref, heads, *args, **kwargs)
 
-        @functools.wraps(attention)  # the host's keyword arguments are chosen from its signature
-        def spy(q, k, v, heads, mask=None, **kwargs):
-            if mask is not None:
-                b, n, inner = q.shape
-                d = inner // heads
-                qh = q.reshape(b, n, heads, d).transpose(1, 2)
-                kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2)
-                weights = torch.softmax(qh @ kh.transpose(-1, -2) / d ** 0.5 + mask.view(1, 1, 1, -1), dim=-1)
-                masses.append(float(weights[..., n:].sum(-1).mean().detach()))  # keys past the row's own n tokens
-            return attention(q, k, v, heads, mask=mask, **kwargs)
-
-        return spy
-
-    monkeypatch.setattr(host, "biased_attention_function", spying)
+    monkeypatch.setattr(replace, "self_subject_attention", spy)
     loss_and_gradient(model, parts)
     monkeypatch.undo()
     return masses
