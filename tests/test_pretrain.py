@@ -11,7 +11,7 @@ the host has it.
 - 2 gloo processes vs 1 process on the same global batch: the averaged
   gradients agree (to fp32 summation-order rounding), every frozen weight is
   bitwise unchanged, every trainable tensor changed;
-- 2 gloo processes training a fresh encoder for 16 steps: the loss on the
+- 2 gloo processes training a fresh encoder for 16 steps at the default lr: the loss on the
   training images (fixed noise and timesteps) falls at every evaluation;
 - stop after 1 step + resume to 2 == 2 uninterrupted steps, bit for bit (weights, AdamW state, log);
 - one step lowers the loss of the batch it was computed on;
@@ -129,22 +129,24 @@ def test_two_gloo_processes_train_a_fresh_encoder_and_the_loss_falls(smoke_files
     The yardstick is the loss of all 8 unaugmented images at fixed noise and timesteps
     (pretrain_worker.evaluation_loss), evaluated on both ranks at steps 0, 8 and 16: it is
     deterministic, so "falls" is not luck of the draw (the logged loss changes its noise and
-    timesteps every step). It must fall at each evaluation, and by more than 1 % in all
-    (about 2 % is what 16 steps give these random-weight models at this lr).
+    timesteps every step). The lr is the default (TrainConfig.lr, 1e-5). Measured (torch 2.x CPU):
+    0.97741, 0.97394, 0.97272, falls of 3.5e-3 and 1.2e-3, where the yardstick's rounding noise is
+    about 6e-8 (test_at_the_default_lr_every_trained_part_of_the_encoder_lowers_the_loss). So: each
+    fall above 2e-4 (over 3000x the noise, a sixth of the smaller measured fall).
     """
     import safetensors.torch
     import torch.multiprocessing as mp
 
     steps = 16
-    kwargs = config(smoke_files, tmp_path / "run", global_batch=8, batch_per_device=2, lr=3e-4, max_steps=steps,
-                    checkpoint_every=steps)
+    kwargs = config(smoke_files, tmp_path / "run", global_batch=8, batch_per_device=2, lr=TrainConfig.lr,
+                    max_steps=steps, checkpoint_every=steps)
     mp.spawn(pretrain_worker.ddp_train, args=(2, free_port(), kwargs, str(tmp_path), 8), nprocs=2, join=True)
     ranks = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
     evaluation = ranks[0]["evaluation"].tolist()
     assert torch.equal(ranks[0]["evaluation"], ranks[1]["evaluation"])  # the ranks hold the same weights
-    assert len(evaluation) == 3 and evaluation[0] > evaluation[1] > evaluation[2], evaluation
-    assert evaluation[2] < 0.99 * evaluation[0], evaluation
+    assert len(evaluation) == 3
+    assert evaluation[0] - evaluation[1] > 2e-4 and evaluation[1] - evaluation[2] > 2e-4, evaluation
     assert torch.equal(ranks[0]["logged_loss"], ranks[1]["logged_loss"])  # averaged over ranks
     logged = [float(row["loss"]) for row in RunFiles(str(tmp_path / "run"), True).rows()]
     assert len(logged) == steps
