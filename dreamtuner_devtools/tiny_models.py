@@ -173,19 +173,25 @@ def write_controlnet(path, unet_config=SD15_NARROW, seed=11):
     return path
 
 
-def write_lora(path, model, rank=4, seed=12, match="attn"):
-    """A random-weight LoRA (kohya 'lora_unet_' keys) on the UNet's attention projections."""
+def write_lora(path, model, rank=4, seed=12, match="attn", accept=None):
+    """A random-weight LoRA (kohya 'lora_unet_' keys), written as the host writes safetensors.
+
+    accept(key): which of the host's LoRA keys get a pair (default: the UNet's attention q/k/v
+    projections whose key contains ``match``; a DiT test passes its own, e.g. Flux's ``_attn_qkv``);
+    only keys of 2-d weights are kept.
+    """
     import comfy.lora
     import comfy.utils
 
+    if accept is None:
+        def accept(key):
+            return (key.startswith("lora_unet_") and match in key and key.count("_") >= 3
+                    and key.endswith(("to_q", "to_k", "to_v")))
     generator = torch.Generator().manual_seed(seed)
     weights = model.model.state_dict()
     tensors = {}
-    for key in comfy.lora.model_lora_keys_unet(model.model, {}):
-        target = comfy.lora.model_lora_keys_unet(model.model, {})[key]
-        if not key.startswith("lora_unet_") or match not in key or key.count("_") < 3:
-            continue
-        if not key.endswith(("to_q", "to_k", "to_v")) or weights[target].ndim != 2:
+    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if not accept(key) or weights[target].ndim != 2:
             continue
         out_features, in_features = weights[target].shape
         tensors[f"{key}.lora_up.weight"] = torch.randn((out_features, rank), generator=generator) * 0.1

@@ -35,6 +35,14 @@ def subject_image():
     return image, mask
 
 
+def finetune_parts():
+    """The tiny host models, the subject and its latents (reference and 2 regular images) the fine-tune tests train on."""
+    model, clip, vae = tm.build("sd15"), tm.clip_text(), tm.vae()
+    image, mask = subject_image()
+    ref, reg = ft.prepare_latents(vae, model, image, tm.image(5, 32, 32, batch=2), mask)
+    return dict(model=model, clip=clip, vae=vae, image=image, mask=mask, ref=ref, reg=reg)
+
+
 def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

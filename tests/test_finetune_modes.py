@@ -10,7 +10,7 @@ from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core import finetune as ft
 from comfyui_dreamtuner.dreamtuner_core.subject_encoder.file import load_encoder
 from comfyui_dreamtuner.dreamtuner_core.subject_encoder.patch import SubjectEncoderPatch
-from test_finetune import adapter_rounding_tolerance, against_the_host_loader, folders_in, subject_image
+from test_finetune import adapter_rounding_tolerance, against_the_host_loader, finetune_parts, folders_in, subject_image
 from test_subject_encoder import apply, make_encoder
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: no thread hand-offs
@@ -19,10 +19,7 @@ BASE = dict(class_word="dog", name="rex", steps=2, unet_lr=1e-2, token_lr=5e-3, 
 
 @pytest.fixture(scope="module")
 def parts():
-    model, clip, vae = tm.build("sd15"), tm.clip_text(), tm.vae()
-    image, mask = subject_image()
-    ref, reg = ft.prepare_latents(vae, model, image, tm.image(5, 32, 32, batch=2), mask)
-    return dict(model=model, clip=clip, vae=vae, image=image, mask=mask, ref=ref, reg=reg)
+    return finetune_parts()
 
 
 def test_full_fine_tuning_is_saved_exactly_as_weight_differences(parts, tmp_path):

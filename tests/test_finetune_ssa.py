@@ -19,7 +19,7 @@ from comfyui_dreamtuner.dreamtuner_core.finetune.run_files import run_hash
 from comfyui_dreamtuner.dreamtuner_core.keys import STATE_KEY
 from comfyui_dreamtuner.dreamtuner_core.training.host_training import (grad_mode, inplace_block_norms, inputs_copied,
                                                                       prediction_loss)
-from test_finetune import subject_image
+from test_finetune import finetune_parts
 from test_self_subject_attention import ssa
 from tolerances import assert_rounding_close, network_shape
 
@@ -32,10 +32,7 @@ SIZES = {"rides along": 4, "own call": 8}
 
 @pytest.fixture(scope="module")
 def parts():
-    model, clip, vae = tm.build("sd15"), tm.clip_text(), tm.vae()
-    image, mask = subject_image()
-    ref, reg = ft.prepare_latents(vae, model, image, tm.image(5, 32, 32, batch=2), mask)
-    return dict(model=model, clip=clip, vae=vae, image=image, mask=mask, ref=ref, reg=reg)
+    return finetune_parts()
 
 
 def batch(parts):

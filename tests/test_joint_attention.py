@@ -343,24 +343,11 @@ def test_eq4_on_a_distilled_model_is_the_weighted_difference_of_its_two_evaluati
                                  magnitude=float(with_ref.abs().max()) * 3)
 
 
-def write_flux_lora(path, model, rank=4, seed=12):
+def write_flux_lora(path, model):
     """A random-weight LoRA in kohya's Flux layout (``lora_unet_double_blocks_0_img_attn_qkv``, ...) on
-    the joint attention's projections, written as the host writes safetensors."""
-    import comfy.lora
-    import comfy.utils
-
-    generator = torch.Generator().manual_seed(seed)
-    weights = model.model.state_dict()
-    tensors = {}
-    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
-        if not key.startswith("lora_unet_") or not key.endswith(("_attn_qkv", "_linear1")):
-            continue
-        out_features, in_features = weights[target].shape
-        tensors[f"{key}.lora_up.weight"] = torch.randn((out_features, rank), generator=generator) * 0.1
-        tensors[f"{key}.lora_down.weight"] = torch.randn((rank, in_features), generator=generator) * 0.1
-        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-    comfy.utils.save_torch_file(tensors, str(path))
-    return path
+    the joint attention's projections."""
+    return tm.write_lora(path, model, accept=lambda key: key.startswith("lora_unet_")
+                         and key.endswith(("_attn_qkv", "_linear1")))
 
 
 @needs_overrides
