@@ -206,8 +206,10 @@ def _views(rng, subjects, heldout_captions=None):
     return to_tensor(np.stack(imgs))
 
 
-def build_identity(seed, steps, batch=48, log=print):
-    net = nets.IdentityNet()
+def _train_measure(net, name, seed, steps, batch_loss, log):
+    """The measures' shared loop: seeded init, AdamW 1e-3 cosine, ``batch_loss(net, rng, g)`` per step
+    (it draws its batch from ``rng``/``g`` in a fixed order, so a rebuild is bit-identical), then
+    ``NAME.safetensors`` in float32."""
     torch.manual_seed(seed)
     net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -216,31 +218,30 @@ def build_identity(seed, steps, batch=48, log=print):
     t0 = time.time()
     for step in range(steps):
         cosine_lr(opt, 1e-3, step, steps)
+        loss = batch_loss(net, rng, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  {name} step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    save(net.state_dict(), f"{name}.safetensors", torch.float32)
+
+
+def build_identity(seed, steps, batch=48, log=print):
+    def batch_loss(net, rng, g):  # InfoNCE: two renders of each subject in different captions
         subjects = [generator.draw_subject(rng, False) for _ in range(batch)]
         a = nets.augment(_views(rng, subjects), g)
         b = nets.augment(_views(rng, subjects), g)
         za, zb = net(a), net(b)
         logits = za @ zb.T / 0.1
         target = torch.arange(batch)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"  identity step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
-    save(net.state_dict(), "identity.safetensors", torch.float32)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    _train_measure(nets.IdentityNet(), "identity", seed, steps, batch_loss, log)
 
 
 def build_scene(seed, steps, batch=64, log=print):
-    net = nets.SceneNet()
-    torch.manual_seed(seed)
-    net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for step in range(steps):
-        cosine_lr(opt, 1e-3, step, steps)
+    def batch_loss(net, rng, g):  # cross-entropy of each head on renders of training subjects
         imgs, labels = [], []
         for _ in range(batch):
             s = generator.draw_subject(rng, False)
@@ -250,13 +251,9 @@ def build_scene(seed, steps, batch=64, log=print):
             labels.append((c.scene, c.time, c.position))
         out = net(nets.augment(to_tensor(np.stack(imgs)), g))
         labels = torch.tensor(labels)
-        loss = sum(F.cross_entropy(out[name], labels[:, i]) for i, (name, _) in enumerate(nets.SceneNet.HEADS))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"  scene step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
-    save(net.state_dict(), "scene.safetensors", torch.float32)
+        return sum(F.cross_entropy(out[head], labels[:, i]) for i, (head, _) in enumerate(nets.SceneNet.HEADS))
+
+    _train_measure(nets.SceneNet(), "scene", seed, steps, batch_loss, log)
 
 
 def main(argv=None):
