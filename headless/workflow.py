@@ -11,7 +11,9 @@ Rules of the UI format that matter for the conversion (checked against the
 frontend's own ``graphToPrompt`` in ``tests/test_tier2_comfyui.py``):
 
 * every widget input has one entry in ``widgets_values``, in input order,
-  also when a link feeds it (the link wins);
+  also when a link feeds it (the link wins); a file saved before a node gained
+  optional widgets after its others lacks their values: they take their
+  defaults, as in the frontend;
 * an INT with ``control_after_generate`` (or, when its spec does not say,
   named seed or noise_seed), and a FLOAT or COMBO with it, is followed by
   that control's value ("fixed", "randomize", ...; a COMBO's also by a filter
@@ -173,12 +175,24 @@ def widget_values(node, definition) -> dict:
     if isinstance(values, dict):
         return dict(values)
     slots = widgets(definition)
+    values = values + _defaults_of_later_widgets(values, slots, definition)
     if len(values) != len(slots):
         raise WorkflowError(
             f"{_describe(node)} has {len(values)} widget values where this ComfyUI's '{node.get('type')}' has "
             f"{len(slots)} ({', '.join(s.name for s in slots)}): the node changed between versions; open the "
             "workflow in the web UI, check the node's values, and save it again")
     return {slot.input: value for slot, value in zip(slots, values) if slot.input is not None}
+
+
+def _defaults_of_later_widgets(values, slots, definition):
+    """The defaults of the widgets a file saved before they existed lacks: optional inputs added after every
+    older widget. The frontend leaves such widgets at their defaults when it loads the file; a missing
+    required widget, or one in the middle, stays an error (the values would land in the wrong places)."""
+    missing = slots[len(values):]
+    optional = (definition.get("input") or {}).get("optional") or {}
+    if not missing or not all(slot.input in optional and "default" in (slot.options or {}) for slot in missing):
+        return []
+    return [slot.options["default"] for slot in missing]
 
 
 def set_widget(node, definition, name, value):
@@ -192,6 +206,7 @@ def set_widget(node, definition, name, value):
         raise WorkflowError(f"{_describe(node)} has no widget '{name}' (it has: "
                             f"{', '.join(s.input for s in slots if s.input)})")
     widget_values(node, definition)  # the same count check as for reading
+    node["widgets_values"] += _defaults_of_later_widgets(node["widgets_values"], slots, definition)
     node["widgets_values"][index] = value
 
 

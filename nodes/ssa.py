@@ -2,6 +2,7 @@
 
 from ..dreamtuner_core.ssa.install import apply_self_subject_attention
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
+from ..dreamtuner_core.ssa.joint import POSITIONS
 
 CATEGORY = "DreamTuner"
 
@@ -55,6 +56,13 @@ class SelfSubjectAttentionPatch:
                     "single, double.3, single.10-20; SD3: joint, joint.5-12.")}),
                 "reference_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
                     "Seed of the noise added to the reference; the same noise is used at every step.")}),
+                # last, and optional: a workflow saved before this widget existed loads with its default
+                "positions": (list(POSITIONS), {"default": POSITIONS[0], "tooltip": (
+                    "Flux only: where the reference's tokens sit in the rotary positions. 'offset' (default): "
+                    "on a grid beside the generated one, as the host's own reference-latent models place their "
+                    "references, so the subject is not pulled to where it sits in the reference. 'shared': on "
+                    "the generated image's own grid, which tends to ghost the reference's layout into the "
+                    "image. SD3/SD3.5 (positions added before the first block) and UNets ignore it.")}),
             },
         }
 
@@ -67,9 +75,7 @@ class SelfSubjectAttentionPatch:
 
     def patch(self, model, reference, omega_ref, start_percent, end_percent, reference_mask=None,
               mask_mode=MASK_SUBJECT_IS_ONE, reference_conditioning=None, blocks="all", reference_seed=0,
-              positions="offset"):
-        # positions: Flux's reference positions, 'offset' (see dreamtuner_core/ssa/joint.py). Not a widget yet:
-        # a new widget changes the six shipped workflows and their recorded frontend conversions.
+              positions=POSITIONS[0]):
         context = reference_conditioning[0][0] if reference_conditioning else None
         return (apply_self_subject_attention(
             model, reference["samples"], omega_ref=omega_ref, reference_mask=reference_mask,

@@ -132,6 +132,17 @@ def test_the_positions_matter_and_offset_is_not_shared():
 
 
 @needs_overrides
+def test_the_positions_widget_changes_a_flux_sample_and_offset_is_its_default(flux):
+    """Through the node and the host's sampler: 'shared' differs from 'offset', and the node without the widget
+    (a workflow saved before it) is 'offset' bit for bit."""
+    reference = tm.latent(5, 8, 8, channels=16)
+    offset = sample(ssa(flux, reference, positions="offset"), cfg=3.0)
+    shared = sample(ssa(flux, reference, positions="shared"), cfg=3.0)
+    assert torch.equal(sample(ssa(flux, reference), cfg=3.0), offset)
+    assert (offset - shared).abs().max() > 1e-2
+
+
+@needs_overrides
 def test_masked_tokens_are_never_attended_and_several_references_add_up():
     mask = torch.zeros(4, 6)
     mask[:2, :4] = 1.0  # tokens (0,0), (0,1) kept, the rest of the 2x3 grid never attended

@@ -50,3 +50,25 @@ def test_the_node_takes_the_reference_caption_from_a_conditioning():
     (reference,) = patched.model_options["transformer_options"]["dreamtuner_ssa"].references
     assert torch.equal(reference.context, caption[0][0])
     assert reference.omega_ref == 3.0 and reference.layers is None
+
+
+def test_positions_is_an_optional_choice_after_every_older_widget_defaulting_to_offset():
+    """Optional and last: a workflow saved before the widget existed keeps its values in their places."""
+    inputs = SelfSubjectAttentionPatch.INPUT_TYPES()
+    choices, options = inputs["optional"]["positions"]
+    assert choices == ["offset", "shared"] and options["default"] == "offset"
+    assert list(inputs["optional"])[-1] == "positions"
+    assert all(word in options["tooltip"] for word in ("offset", "shared", "ghost", "UNet"))
+
+
+def test_a_unet_ignores_positions_bit_for_bit():
+    """UNets have no rotary positions: 'shared' and 'offset' give the same sample, and both differ from plain."""
+    model = tm.build("sd15")
+    positive, negative = tm.conditioning(model, 1), tm.conditioning(model, 2)
+    reference = {"samples": tm.latent(4, 6, 10)}
+    samples = {}
+    for positions in ("offset", "shared"):
+        (patched,) = SelfSubjectAttentionPatch().patch(model, reference, 3.0, 0.0, 1.0, positions=positions)
+        samples[positions] = tm.sample(patched, positive, negative, tm.latent(0))
+    assert torch.equal(samples["offset"], samples["shared"])
+    assert (samples["offset"] - tm.sample(model, positive, negative, tm.latent(0))).abs().max() > 1e-2
