@@ -40,7 +40,8 @@ MUTED, BYPASSED = 2, 4
 # Where a file-list widget's files live, to name the fix when a workflow asks for a file this ComfyUI lacks.
 FILE_FOLDERS = {"ckpt_name": "models/checkpoints", "clip_name": "models/clip_vision", "lora_name": "models/loras",
                 "control_net_name": "models/controlnet", "vae_name": "models/vae", "unet_name": "models/unet",
-                "encoder_name": "models/dreamtuner", "image": "input"}
+                "encoder_name": "models/dreamtuner", "clip_name1": "models/text_encoders",
+                "clip_name2": "models/text_encoders", "image": "input", "file": "input"}
 FILE_HINTS = {"encoder_name": (" No pretrained DreamTuner subject encoder is published yet: make an untrained one "
                                "with scripts/make_untrained_encoder.py (it runs but adds nothing), or use a "
                                "workflow without the encoder (3 or 4).")}
@@ -192,7 +193,16 @@ def _defaults_of_later_widgets(values, slots, definition):
     optional = (definition.get("input") or {}).get("optional") or {}
     if not missing or not all(slot.input in optional and "default" in (slot.options or {}) for slot in missing):
         return []
+    if not all(_fits(slot, value) for slot, value in zip(slots, values)):
+        return []  # a value missing in the middle shifted the later ones: not a file from before the new widgets
     return [slot.options["default"] for slot in missing]
+
+
+def _fits(slot, value):
+    """Whether a saved value can be this widget's (a file list's choices depend on the installation: not read)."""
+    if slot.input is None:
+        return not slot.choices or value in slot.choices
+    return slot.input in FILE_FOLDERS or check_value(slot, value) is None
 
 
 def set_widget(node, definition, name, value):

@@ -34,7 +34,11 @@ SDXL = "sd_xl_base_1.0.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 DEPTH_CONTROLNET = "control_v11f1p_sd15_depth_fp16.safetensors"
 ENCODER = "dreamtuner_subject_encoder_sd15.safetensors"
+POSE_CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"
+FLUX_DEV, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                            "ae.safetensors")
 SUBJECT, SUBJECT_2, DEPTH = "dreamtuner_subject.png", "dreamtuner_subject_turned.png", "dreamtuner_depth.png"
+POSES, POSE_FRAMES, POSE_FPS = "dreamtuner_poses.mp4", 8, 8
 ALPHA = "background is 1 (LoadImage alpha)"
 
 POSITIVE = "a photo of a small red plush toy with big round eyes, sitting on a wooden table in a sunny kitchen"
@@ -51,7 +55,8 @@ class Graph:
         self.nodes, self.links, self.column_y = [], [], {}
 
     def add(self, kind, column, title=None, color=None, box_height=None, **values):
-        """A node; keyword arguments set widgets (by input name) or connect sockets ((node, output name))."""
+        """A node; keyword arguments set widgets (by input name) or connect sockets or widgets ((node, output
+        name); a linked widget keeps its default in widgets_values, as the UI saves it)."""
         definition = self.object_info[kind]
         slots, sockets = widgets(definition), self._sockets(definition)
         unknown = set(values) - {slot.input for slot in slots} - set(sockets)
@@ -66,10 +71,12 @@ class Graph:
                 socket["label"] = name.rsplit(".", 1)[1]  # an autogrow slot, drawn by its short name
             node["inputs"].append(socket)
         for slot in slots:
+            linked = isinstance(values.get(slot.input), tuple)  # a widget fed by another node's output
             if slot.input is not None:
+                link = self._link(values[slot.input], node, slot.kind) if linked else None
                 node["inputs"].append({"name": slot.input, "type": slot.kind, "widget": {"name": slot.input},
-                                       "link": None})
-            node["widgets_values"].append(self._widget_value(slot, values, kind))
+                                       "link": link})
+            node["widgets_values"].append(self._widget_value(slot, {} if linked else values, kind))
         for index, (name, output_type) in enumerate(zip(definition["output_name"], definition["output"])):
             node["outputs"].append({"name": name, "type": output_type, "links": [], "slot_index": index})
         self._place(node, column, box_height or self._height(node, slots))
@@ -432,6 +439,99 @@ def workflow_6(object_info):
     return g.workflow()
 
 
+NOTE_7 = """
+## DreamTuner video: the subject through a pose sequence (paper Fig. 9)
+
+**Video Sequence** samples frame 1, then every next frame with the **first** and the **previous** frame added as
+references of self-subject-attention, so the frames keep the subject and each other. The subject itself comes in
+as usual: Self-Subject-Attention on its PNG.
+
+1. **Load Video**: a pose video (OpenPose skeletons on black; the sample `{poses}` has {frames} frames). **Get
+   Image from Batch** takes `length` frames from `batch_index`: set **the same number in Video Sequence's
+   `frames`** (a different count is an error naming both). For a folder of pose images instead, load them as a
+   batch (an animated WEBP/GIF through Load Image is one) into `control_images`.
+2. **Upscale Image** (crop `center`) brings the poses to the frames' size: keep its `width`/`height` equal to
+   Video Sequence's (the same aspect ratio at another size also works).
+3. **Video Sequence**: `previous_frames` 1 and `first_frame_reference` on, as the paper; `frame_omega_ref` 3.0;
+   `noise` `shared` steadies the background. Each extra reference frame adds one row to every model call.
+4. The frames go to **Create Video** (at the pose video's frame rate) → **Save Video**, and as PNGs to **Save
+   Image**.
+
+Models: `{ckpt}` in models/checkpoints, `{control}` (OpenPose ControlNet 1.1) in models/controlnet.
+"""
+
+
+def workflow_7(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_7.format(poses=POSES, frames=POSE_FRAMES, ckpt=SD15, control=POSE_CONTROLNET), height=620)
+    ckpt = g.add("CheckpointLoaderSimple", 1, ckpt_name=SD15)
+    subject, reference = _subject_nodes(g, 1, ckpt)
+    pos, neg = _prompts(g, 2, ckpt, positive="a photo of a small red plush toy with big round eyes dancing on a "
+                                               "wooden stage, spotlight")
+    control = g.add("ControlNetLoader", 2, control_net_name=POSE_CONTROLNET)
+    video = g.add("LoadVideo", 3, title="Pose video", box_height=360, file=POSES)
+    parts = g.add("GetVideoComponents", 3, video=(video, "VIDEO"))
+    poses = g.add("ImageFromBatch", 3, title="Frames to use (length = frames)", image=(parts, "images"),
+                  batch_index=0, length=POSE_FRAMES)
+    scaled = g.add("ImageScale", 3, title="Poses at the frames' size", image=(poses, "IMAGE"),
+                   upscale_method="bilinear", width=512, height=512, crop="center")
+    ssa = _ssa(g, 4, (ckpt, "MODEL"), reference, (subject, "MASK"))
+    frames = g.add("DreamTunerVideoSequence", 4, model=(ssa, "model"), positive=(pos, "CONDITIONING"),
+                   negative=(neg, "CONDITIONING"), control_net=(control, "CONTROL_NET"),
+                   control_images=(scaled, "IMAGE"), vae=(ckpt, "VAE"), control_strength=1.0, frames=POSE_FRAMES,
+                   width=512, height=512, seed=1234, steps=25, cfg=7.0, sampler_name="euler_ancestral",
+                   scheduler="karras", box_height=620)
+    clip = g.add("CreateVideo", 5, images=(frames, "images"), fps=(parts, "fps"))
+    g.add("SaveVideo", 5, box_height=420, video=(clip, "VIDEO"), filename_prefix="dreamtuner/video")
+    g.add("SaveImage", 5, title="Save frames", box_height=420, images=(frames, "images"),
+          filename_prefix="dreamtuner/video_frames")
+    return g.workflow()
+
+
+NOTE_8 = """
+## DreamTuner on Flux.1 dev, training-free
+
+Self-subject-attention on Flux: the generated image tokens of every double- and single-stream block also attend
+to the subject's image tokens (taken through the same model at the same noise level, background masked out).
+Needs a current ComfyUI (v0.15.1 is tested).
+
+- **Subject**: a PNG with a transparent background (alpha = mask), encoded with Flux's own VAE (16 channels).
+- **Self-Subject-Attention**: `omega_ref` 3.0; `positions` `offset` (the reference's rotary positions beside the
+  generated grid; `shared` tends to ghost the reference's layout into the image); `blocks` `all`, or e.g.
+  `double`, `single.10-20`.
+- **Flux Guidance** 3.5 and **KSampler at CFG 1**, as Flux dev is sampled (the negative is not evaluated).
+  Cost per step: the generated row plus one reference row (a plain Flux dev step is one row).
+- **Reference guidance** (Eq. 4): replace the KSampler with **Interleaved CFG Sampler (DreamTuner)** at `cfg` 1
+  and `w_r` e.g. 2 (at CFG 1, -1 means 1, no reference guidance). Each Eq. 4 step (probability `p_r`) then
+  evaluates the prompt without the reference too: 2 rows plus the reference row; Eq. 5 steps stay at 1 + 1.
+
+Models: `{unet}` in models/diffusion_models (or models/unet), `{clip_l}` and `{t5}` in models/text_encoders,
+`{vae}` in models/vae.
+"""
+
+
+def workflow_8(object_info):
+    g = Graph(object_info)
+    g.note(0, NOTE_8.format(unet=FLUX_DEV, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE), height=560)
+    unet = g.add("UNETLoader", 1, unet_name=FLUX_DEV)
+    clip = g.add("DualCLIPLoader", 1, clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
+    vae = g.add("VAELoader", 1, vae_name=FLUX_VAE)
+    subject = g.add("LoadImage", 2, title="Subject (PNG with a transparent background)", box_height=360,
+                    image=SUBJECT)
+    reference = g.add("VAEEncode", 2, title="Reference latent", pixels=(subject, "IMAGE"), vae=(vae, "VAE"))
+    pos = g.add("CLIPTextEncode", 3, title="Prompt", color=GREEN, box_height=160, clip=(clip, "CLIP"), text=POSITIVE)
+    guided = g.add("FluxGuidance", 3, conditioning=(pos, "CONDITIONING"), guidance=3.5)
+    neg = g.add("ConditioningZeroOut", 3, title="Negative (unused at CFG 1)", conditioning=(pos, "CONDITIONING"))
+    latent = g.add("EmptySD3LatentImage", 3, width=1024, height=1024)
+    ssa = g.add("DreamTunerSelfSubjectAttention", 4, model=(unet, "MODEL"), reference=(reference, "LATENT"),
+                reference_mask=(subject, "MASK"), mask_mode=ALPHA, positions="offset")
+    samples = g.add("KSampler", 4, model=(ssa, "model"), positive=(guided, "CONDITIONING"),
+                    negative=(neg, "CONDITIONING"), latent_image=(latent, "LATENT"), seed=1234, steps=20, cfg=1.0,
+                    sampler_name="euler", scheduler="simple")
+    _finish(g, 5, (samples, "LATENT"), vae, "dreamtuner/flux")
+    return g.workflow()
+
+
 WORKFLOWS = {
     "1_single_image_new_scenes": workflow_1,
     "2_controlnet_layout": workflow_2,
@@ -439,6 +539,8 @@ WORKFLOWS = {
     "4_guider_custom_sampling": workflow_4,
     "5_several_references": workflow_5,
     "6_finetune_then_generate": workflow_6,
+    "7_video_pose_sequence": workflow_7,
+    "8_flux_reference": workflow_8,
 }
 
 
@@ -468,6 +570,54 @@ def sample_images(folder):
     d.rectangle((0, 360, 512, 512), fill=90)                                          # floor
     d.ellipse((170, 150, 350, 420), fill=210)                                         # the subject, near
     depth.filter(ImageFilter.GaussianBlur(8)).convert("RGB").save(folder / DEPTH, optimize=True)
+    pose_video(folder / POSES)
+
+
+def pose_frames(count=POSE_FRAMES, size=256):
+    """OpenPose-style skeletons on black (limbs in the ControlNet's colours), waving the right arm."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    limb_colors = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                   (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255)]
+    frames = []
+    for i in range(count):
+        wave = math.sin(2 * math.pi * i / count)
+        neck, hip_l, hip_r = (128, 80), (112, 150), (144, 150)
+        joints = {"nose": (128, 56), "neck": neck, "r_shoulder": (104, 82), "l_shoulder": (152, 82),
+                  "r_elbow": (84, 110 - 20 * wave), "r_wrist": (70 + 10 * wave, 72 - 30 * wave),
+                  "l_elbow": (170, 112), "l_wrist": (176, 142), "r_hip": hip_l, "l_hip": hip_r,
+                  "r_knee": (108 - 6 * wave, 190), "r_ankle": (104 - 8 * wave, 232), "l_knee": (148 + 6 * wave, 190),
+                  "l_ankle": (152 + 8 * wave, 232)}
+        limbs = [("neck", "r_shoulder"), ("r_shoulder", "r_elbow"), ("r_elbow", "r_wrist"), ("neck", "l_shoulder"),
+                 ("l_shoulder", "l_elbow"), ("l_elbow", "l_wrist"), ("neck", "r_hip"), ("r_hip", "r_knee"),
+                 ("r_knee", "r_ankle"), ("neck", "l_hip"), ("l_hip", "l_knee"), ("l_knee", "l_ankle"),
+                 ("neck", "nose")]
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        d = ImageDraw.Draw(image)
+        for (a, b), color in zip(limbs, limb_colors + [(0, 0, 255)]):
+            d.line([joints[a], joints[b]], fill=color, width=6)
+        for x, y in joints.values():
+            d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(255, 255, 255))
+        frames.append(image)
+    return frames
+
+
+def pose_video(path):
+    """The sample pose sequence as a small H.264 MP4 (PyAV, which ComfyUI itself requires for its video nodes)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=POSE_FPS)
+        stream.width = stream.height = 256
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "23"}
+        for image in pose_frames():
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def main(argv=None):

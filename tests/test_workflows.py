@@ -11,7 +11,7 @@ import json
 import pytest
 
 from comfyui_dreamtuner.headless import workflow as wf
-from workflow_defs import ROOT, WORKFLOWS, installation
+from workflow_defs import ROOT, WORKFLOWS, installation, without_page_previews
 
 DEFS = installation()
 NAMES = [path.stem for path in WORKFLOWS]
@@ -21,8 +21,8 @@ NAMES = [path.stem for path in WORKFLOWS]
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 
 
-def test_there_are_the_six_workflows_each_once_in_the_template_browser_with_its_thumbnail():
-    assert len(WORKFLOWS) == 6 and {p.parent.name for p in WORKFLOWS} == {"example_workflows"}
+def test_there_are_the_eight_workflows_each_once_in_the_template_browser_with_its_thumbnail():
+    assert len(WORKFLOWS) == 8 and {p.parent.name for p in WORKFLOWS} == {"example_workflows"}
     listed = [p.stem for folder in TEMPLATE_FOLDERS for p in (ROOT / folder).glob("*.json")]
     assert sorted(listed) == NAMES  # once each: no second folder the host also reads
     for path in WORKFLOWS:
@@ -70,9 +70,20 @@ def test_the_conversion_gives_what_the_comfyui_frontend_gives(path):
     if not recorded.exists():
         pytest.skip(f"no frontend recording of {path.name} yet: record it with scripts/ui_snapshot.py")
     ours = wf.to_api(wf.load(path), DEFS)
-    frontend = json.loads(recorded.read_text())
+    frontend = without_page_previews(json.loads(recorded.read_text()), DEFS)
     assert {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in ours.items()} == \
            {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in frontend.items()}
+
+
+def test_the_only_page_preview_value_dropped_is_load_videos_and_it_is_no_input_of_the_node():
+    recorded = {}
+    for path in WORKFLOWS:
+        recorded.update({f"{path.stem}:{k}": v for k, v in
+                         json.loads((ROOT / "tests" / "data" / "frontend_api" / path.name).read_text()).items()})
+    kept = without_page_previews(recorded, DEFS)
+    dropped = {(v["class_type"], name) for key, v in recorded.items() for name in set(v["inputs"]) - set(kept[key]["inputs"])}
+    assert dropped == {("LoadVideo", "video-preview")}
+    assert "video-preview" not in dict(wf.spec_inputs(DEFS["LoadVideo"]))
 
 
 def test_every_widget_the_frontend_adds_has_its_place_in_widgets_values():
@@ -309,3 +320,35 @@ def test_the_frontend_keeps_every_widget_value_of_the_workflow(path):
     for node in wf.load(path)["nodes"]:
         if node["type"] in DEFS and node["type"] not in wf.UI_ONLY_NODES:
             assert frontend_migration_drops(DEFS[node["type"]], node.get("widgets_values") or []) == [], node["type"]
+
+
+def test_a_workflow_saved_before_the_positions_widget_loads_as_the_page_loads_it():
+    """Workflow 5 as it shipped before Self-Subject-Attention had ``positions`` (six widget values): the real
+    v0.15.1 page (recorded with scripts/ui_snapshot.py) leaves the new widget at its default, and so does the
+    runner; every older value stays in its place."""
+    saved = wf.load(ROOT / "tests" / "data" / "saved_before_positions" / "dreamtuner_5_several_references.json")
+    (node,) = [n for n in saved["nodes"] if n["type"] == "DreamTunerSelfSubjectAttention"]
+    assert len(node["widgets_values"]) == len(wf.widgets(DEFS[node["type"]])) - 1
+    assert wf.check(saved, DEFS) == []
+    frontend = json.loads((ROOT / "tests" / "data" / "frontend_api" / "saved_before_positions" /
+                           "dreamtuner_5_several_references.json").read_text())
+    ours = wf.to_api(saved, DEFS)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == \
+           {k: (v["class_type"], v["inputs"]) for k, v in frontend.items()}
+    assert ours[str(node["id"])]["inputs"]["positions"] == "offset"
+    # set_widget on such a node writes where the page keeps the value
+    wf.set_widget(node, DEFS[node["type"]], "positions", "shared")
+    assert wf.widget_values(node, DEFS[node["type"]])["positions"] == "shared"
+    assert wf.widget_values(node, DEFS[node["type"]])["blocks"] == "all"
+
+
+def test_only_missing_optional_widgets_at_the_end_take_their_defaults():
+    definition = DEFS["DreamTunerSelfSubjectAttention"]
+    short = _node(1, "DreamTunerSelfSubjectAttention", [3.0, 0.0, 1.0, "subject is 1", "all"])  # seed, positions
+    assert wf.widget_values(short, definition)["reference_seed"] == 0
+    required_missing = _node(1, "DreamTunerSelfSubjectAttention", [3.0, 0.0])  # end_percent is required
+    with pytest.raises(wf.WorkflowError, match="has 2 widget values"):
+        wf.widget_values(required_missing, definition)
+    shifted = _node(1, "DreamTunerSelfSubjectAttention", [3.0, 0.0, "subject is 1", "all", 0])  # one gone mid-way
+    with pytest.raises(wf.WorkflowError, match="has 5 widget values"):
+        wf.widget_values(shifted, definition)

@@ -49,6 +49,8 @@ MODEL_FILES = {
     "controlnet/control-random.safetensors": ("sd15-controlnet", "sd15-controlnet-random-v2.safetensors"),
     "controlnet/control_v11f1p_sd15_depth_fp16.safetensors": ("sd15-controlnet",
                                                               "sd15-controlnet-random-v2.safetensors"),
+    "controlnet/control_v11p_sd15_openpose_fp16.safetensors": ("sd15-controlnet",
+                                                               "sd15-controlnet-random-v2.safetensors"),
     "loras/lora-random.safetensors": ("sd15-lora", "sd15-lora-random.safetensors"),
 }
 
@@ -127,7 +129,7 @@ def make_base(base):
     extra.mkdir()
     (extra / "from_extra_paths.safetensors").symlink_to(encoder)
     (base / "extra_model_paths.yaml").write_text(f"mine:\n    dreamtuner: {extra}\n")
-    for image in (ROOT / "example_workflows" / "inputs").glob("*.png"):
+    for image in (ROOT / "example_workflows" / "inputs").iterdir():  # the sample images and pose video
         shutil.copy(image, base / "input" / image.name)
     from PIL import Image, ImageDraw
 

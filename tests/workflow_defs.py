@@ -5,7 +5,7 @@ the core nodes the workflows use, as ComfyUI v0.15.1 serves them; the tier-2
 tests compare it with a live server (``DREAMTUNER_UPDATE_NODE_DEFS=1`` rewrites
 it). File lists (checkpoints, images, ...) depend on the installation, so they
 are stored empty and filled here with the model files the README tells users
-to get and the sample images shipped in ``example_workflows/inputs``.
+to get and the sample images (and pose video) shipped in ``example_workflows/inputs``.
 This pack's nodes: from their classes, as the server would list them.
 """
 
@@ -31,6 +31,8 @@ def without_files(definition):
         for name, spec in section.items():
             if name in wf.FILE_FOLDERS and isinstance(spec, list) and isinstance(spec[0], list):
                 spec[0] = []
+            elif name in wf.FILE_FOLDERS and isinstance(spec, list) and spec[0] == "COMBO":  # the newer form
+                spec[1]["options"] = []
     return definition
 
 
@@ -43,7 +45,7 @@ def core_types():
 def documented_files():
     """Model file names in the README's model table, and the sample images."""
     names = set(re.findall(r"`([\w.\-]+\.safetensors)`", (ROOT / "README.md").read_text()))
-    return names | {p.name for p in (ROOT / "example_workflows" / "inputs").glob("*.png")}
+    return names | {p.name for p in (ROOT / "example_workflows" / "inputs").iterdir()}
 
 
 def pack_defs():
@@ -66,4 +68,21 @@ def installation():
             for name, spec in section.items():
                 if name in wf.FILE_FOLDERS and isinstance(spec[0], list) and not spec[0]:
                     spec[0] = files
+                elif name in wf.FILE_FOLDERS and spec[0] == "COMBO" and not spec[1].get("options"):
+                    spec[1]["options"] = files
     return defs
+
+
+PAGE_PREVIEWS = ("video-preview",)  # the page's preview of a loaded video: in its prompt, no input of the node
+
+
+def without_page_previews(prompt, defs):
+    """The page's prompt without the values of its preview widgets, which the engine ignores (they are no input
+    of the node's definition)."""
+    prompt = json.loads(json.dumps(prompt))
+    for entry in prompt.values():
+        names = dict(wf.spec_inputs(defs[entry["class_type"]]))
+        for name in PAGE_PREVIEWS:
+            if name in entry["inputs"] and name not in names:
+                del entry["inputs"][name]
+    return prompt
