@@ -30,6 +30,11 @@ pytestmark = tier2.needs_comfyui
 NAMES = [path.stem for path in WORKFLOWS]
 RUNNER = [sys.executable, str(ROOT / "scripts" / "run_workflow.py")]
 SDXL = "dreamtuner_3_sdxl_training_free"
+VIDEO, FLUX = "dreamtuner_7_video_pose_sequence", "dreamtuner_8_flux_reference"
+FLUX_FILES = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors")
+NO_FLUX_FILES = ("tier 2 has no Flux model files in the real formats yet (a full-width Flux.1 file is tens of GB; "
+                 "a reduced-depth one is issue 21's remaining work): workflow 8 is checked for loading only")
+OWN_VIDEO_TEST = "workflow 7 writes frames and a video: test_the_video_workflow_runs_through_prompt runs it"
 BROWSER_PYTHON = os.environ.get("DREAMTUNER_BROWSER_PYTHON")
 
 
@@ -56,12 +61,19 @@ def test_the_core_node_definitions_the_tier1_tests_use_are_this_comfyuis(comfyui
 def test_the_workflow_loads_with_valid_widgets_in_real_comfyui(comfyui, path):
     object_info = comfyui.object_info()
     workflow = wf.load(path)
-    assert wf.check(workflow, object_info) == []
+    problems = wf.check(workflow, object_info)
+    if path.stem == FLUX:  # every node and widget is there; only the Flux model files are missing (NO_FLUX_FILES)
+        assert len(problems) == len(FLUX_FILES) and all(
+            any(f"'{name}' is not in this ComfyUI" in p for p in problems) for name in FLUX_FILES), problems
+    else:
+        assert problems == []
     assert not [n["type"] for n in workflow["nodes"] if object_info.get(n["type"], {}).get("deprecated")]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
 def test_the_workflow_runs_through_prompt_and_saves_an_image_of_the_requested_size(comfyui, path, tmp_path):
+    if path.stem in (VIDEO, FLUX):
+        pytest.skip(OWN_VIDEO_TEST if path.stem == VIDEO else NO_FLUX_FILES)
     object_info = comfyui.object_info()
     workflow = small(wf.load(path), object_info, size=64)
     for node in workflow["nodes"]:
@@ -76,6 +88,40 @@ def test_the_workflow_runs_through_prompt_and_saves_an_image_of_the_requested_si
         assert image.size == (96, 64)
     if path.stem == SDXL:
         tier2.free_memory(comfyui)
+
+
+def test_the_video_workflow_runs_through_prompt_and_saves_the_frames_and_a_video(comfyui, tmp_path):
+    """Workflow 7 as shipped, at 96x64 px, 2 steps and 3 of the sample video's 8 pose frames (set in its widgets
+    as a user would): three frames of that size, and a video of three frames at the pose video's frame rate
+    (linked from GetVideoComponents)."""
+    object_info = comfyui.object_info()
+    workflow = small(wf.load(ROOT / "example_workflows" / f"{VIDEO}.json"), object_info, size=64)
+    for node in workflow["nodes"]:
+        definition = object_info.get(node["type"])
+        if node["type"] in ("DreamTunerVideoSequence", "ImageScale"):
+            wf.set_widget(node, definition, "width", 96)
+        if node["type"] == "DreamTunerVideoSequence":
+            wf.set_widget(node, definition, "frames", 3)
+        if node["type"] == "ImageFromBatch":
+            wf.set_widget(node, definition, "length", 3)
+    prompt = wf.to_api(workflow, object_info)
+    entry = tier2.run(comfyui, prompt)
+    (frames_id,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    (video_id,) = [k for k, v in prompt.items() if v["class_type"] == "SaveVideo"]
+    from PIL import Image
+
+    frames = entry["outputs"][frames_id]["images"]
+    assert len(frames) == 3
+    for frame in frames:
+        with Image.open(comfyui.download(frame, tmp_path / "frames")) as image:
+            assert image.size == (96, 64)
+    (video,) = next(v for v in entry["outputs"][video_id].values() if isinstance(v, list) and v
+                    and isinstance(v[0], dict))
+    path = comfyui.download(video, tmp_path / "video")
+    probe = ("import av, sys; c = av.open(sys.argv[1]); s = c.streams.video[0]; "
+             "n = sum(1 for _ in c.decode(video=0)); print(n, s.width, s.height, float(s.average_rate))")
+    counted = subprocess.run([tier2.python(), "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert counted.stdout.split() == ["3", "96", "64", "8.0"], counted.stdout
 
 
 def _runner(*args, timeout=900):
@@ -110,6 +156,8 @@ def test_the_runner_default_starts_comfyui_and_runs_workflow_1_on_the_sample_sub
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
 def test_the_runner_runs_the_workflow_and_writes_an_image_of_the_requested_size(comfyui, path, tmp_path):
+    if path.stem in (VIDEO, FLUX):
+        pytest.skip(OWN_VIDEO_TEST if path.stem == VIDEO else NO_FLUX_FILES)
     if path.stem == SDXL:
         tier2.free_memory(comfyui)
     # Workflow 6 ships with overwrite off: the /prompt test above trained its subject at another size, so this
