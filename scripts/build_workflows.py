@@ -446,12 +446,12 @@ NOTE_7 = """
 references of self-subject-attention, so the frames keep the subject and each other. The subject itself comes in
 as usual: Self-Subject-Attention on its PNG.
 
-1. **Load Video**: a pose video (OpenPose skeletons on black; the sample `{poses}` has {frames} frames). **Get
-   Image from Batch** takes `length` frames from `batch_index`: set **the same number in Video Sequence's
+1. **Pose video**: OpenPose skeletons on black (the sample `{poses}` has {frames} frames). **Frames to use**
+   (ImageFromBatch) takes `length` frames from `batch_index`: set **the same number in Video Sequence's
    `frames`** (a different count is an error naming both). For a folder of pose images instead, load them as a
    batch (an animated WEBP/GIF through Load Image is one) into `control_images`.
-2. **Upscale Image** (crop `center`) brings the poses to the frames' size: keep its `width`/`height` equal to
-   Video Sequence's (the same aspect ratio at another size also works).
+2. **Poses at the frames' size** (Upscale Image, crop `center`): keep its `width`/`height` equal to Video
+   Sequence's (the same aspect ratio at another size also works).
 3. **Video Sequence**: `previous_frames` 1 and `first_frame_reference` on, as the paper; `frame_omega_ref` 3.0;
    `noise` `shared` steadies the background. Each extra reference frame adds one row to every model call.
 4. The frames go to **Create Video** (at the pose video's frame rate) → **Save Video**, and as PNGs to **Save
