@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import generator, host, manifest, nets
+from . import generator, host, manifest, nets, reference_training
 
 FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identity.safetensors",
          "scene.safetensors")
@@ -34,6 +34,18 @@ UNET_STEPS = 600
 UNET_LR = 5e-4
 UNET_EMA = 0.995
 PAIRS = 2700
+
+# The reference stage (opt-in: --only unet_reference; world/README.md, "Third part"): continued from the
+# shipped UNet; each step a plain batch of REFERENCE_PLAIN single-subject renders plus REFERENCE_TARGETS
+# renders of one training subject denoised through the pack's self-subject-attention, another render of
+# the same subject as the reference. Writes the candidate REFERENCE_CANDIDATE.
+REFERENCE_CANDIDATE = "unet_reference.safetensors"
+REFERENCE_LR = 1e-3
+REFERENCE_STEPS = 1800
+REFERENCE_PLAIN = 6
+REFERENCE_TARGETS = 8
+REFERENCE_SUBJECTS = 1200
+REFERENCE_RENDERS = 10  # renders per subject: one is the reference of a step, REFERENCE_TARGETS others its rows
 
 
 def init_weights(module, seed, scale=1.0):
@@ -143,11 +155,15 @@ def encode_latents(vae, images, batch=512):
 
 
 def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print, init=None,
-               ema_decay=0.999, warmup=200, out_name="unet.safetensors", raw_name=None):
+               ema_decay=0.999, warmup=200, out_name="unet.safetensors", raw_name=None, reference=None,
+               save_every=0):
     """Train the UNet (eps prediction, host sigmas/timesteps, 10 % empty-prompt dropout), write its EMA.
 
     init: a state dict to continue from (the second stage), else a seeded initialisation.
     raw_name: also write the raw (non-EMA) weights there (a diagnosis file, not shipped).
+    save_every: also write the EMA every this many steps (a candidate can be probed while it trains).
+    reference: (Groups, targets) for the reference stage: each step adds the loss of ``targets`` renders
+        denoised through the pack's self-subject-attention (:mod:`.reference_training`) to the plain batch's.
     """
     patcher = host.make_unet(init)
     unet = patcher.model.diffusion_model
@@ -163,6 +179,7 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     empty = len(conds) - 1
+    ref_losses = []
     t0 = time.time()
     with host.fast_attention():
         for step in range(steps):
@@ -178,6 +195,10 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
             x_in = x / torch.sqrt(sigma ** 2 + 1)[:, None, None, None]
             out = unet(x_in, timesteps=sampling.timestep(sigma).float(), context=conds[ci])
             loss = F.mse_loss(out, eps)
+            if reference is not None:
+                ref_loss = reference_training.reference_loss(patcher, reference[0], conds, reference[1], g)
+                ref_losses.append(float(ref_loss.detach()))
+                loss = loss + ref_loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -189,7 +210,11 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
             if step == 20:
                 log(f"  unet: {(time.time() - t0) / 21:.2f} s/step, about {(time.time() - t0) / 21 * steps / 60:.0f} min")
             if step % 250 == 0 or step == steps - 1:
-                log(f"  unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+                through = f", of which through the reference (mean of the last 250) {np.mean(ref_losses[-250:]):.4f}" \
+                    if ref_losses else ""
+                log(f"  unet step {step} loss {loss.item():.4f}{through} ({time.time() - t0:.0f} s)")
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                save(ema.state_dict(), out_name)  # a probe-able intermediate, replaced at the end
     save(ema.state_dict(), out_name)
     if raw_name:
         import comfy.utils
@@ -258,7 +283,7 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "identity", "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "unet_reference", "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
@@ -267,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--stage2-steps", type=int, default=UNET_STEPS, help=(
         "second stage, continued from the first: single-subject captions plus repetition images"))
     parser.add_argument("--pairs", type=int, default=PAIRS, help="repetition images in the second stage")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help=(
+        "reference stage, continued from the first: plain batches plus rows through self-subject-attention"))
     parser.add_argument("--unet-raw", default=None, help="also write the second stage's raw (non-EMA) weights here")
     parser.add_argument("--measure-steps", type=int, default=800)
     parser.add_argument("--scene-steps", type=int, default=1200)
@@ -287,14 +314,14 @@ def main(argv=None):
         return result
 
     data = None
-    if parts & {"vae", "unet", "unet_stage2"}:
+    if parts & {"vae", "unet", "unet_stage2", "unet_reference"}:
         # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
         data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
         timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
-    if parts & {"unet", "unet_stage2"}:
+    if parts & {"unet", "unet_stage2", "unet_reference"}:
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
             vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
@@ -302,12 +329,15 @@ def main(argv=None):
             pair_texts = [generator.pair_caption_text(*k) for k in generator.PAIR_CAPTIONS]
             index = {text: i for i, text in enumerate(captions + pair_texts)}
             pairs = generator.pair_dataset(args.pairs, seed=2) if "unet_stage2" in parts else None
-            return (encode_latents(vae, data["images"][:args.images]),
+            groups = None
+            if "unet_reference" in parts:
+                groups = reference_training.groups(REFERENCE_SUBJECTS, REFERENCE_RENDERS, 3, vae, index, encode_latents)
+            return (groups, encode_latents(vae, data["images"][:args.images]),
                     torch.tensor([index[c.text] for c in data["captions"][:args.images]]),
                     None if pairs is None else encode_latents(vae, pairs["images"]),
                     None if pairs is None else torch.tensor([index[t] for t in pairs["texts"]]),
                     caption_conditionings(clip, captions + pair_texts))
-        latents, cond_index, pair_latents, pair_index, conds = timed("latents", latents_and_conds)
+        groups, latents, cond_index, pair_latents, pair_index, conds = timed("latents", latents_and_conds)
         if "unet" in parts:  # single-subject captions only (the conditionings' pair rows are unused)
             timed("unet", build_unet, latents, cond_index, conds, seed=51, steps=args.unet_steps)
         if "unet_stage2" in parts:
@@ -315,6 +345,12 @@ def main(argv=None):
             timed("unet_stage2", build_unet, torch.cat([latents, pair_latents]), torch.cat([cond_index, pair_index]),
                   conds, seed=52, steps=args.stage2_steps, lr=UNET_LR, init=base, ema_decay=UNET_EMA, warmup=100,
                   out_name=CANDIDATE, raw_name=args.unet_raw)
+        if "unet_reference" in parts:
+            base = {k: v.float() for k, v in host.load_file("unet.safetensors").items()}
+            timed("unet_reference", build_unet, latents, cond_index, conds, seed=53, steps=args.reference_steps,
+                  batch=REFERENCE_PLAIN, lr=REFERENCE_LR, init=base, ema_decay=UNET_EMA, warmup=100,
+                  out_name=REFERENCE_CANDIDATE, raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS),
+                  save_every=250)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:

@@ -68,14 +68,19 @@ def load_pack():
     return pack.load()
 
 
-def core_files():
-    """The pack's atomic writer (``dreamtuner_core.files``): a model file or the manifest is whole or absent."""
+def pack_module(name: str):
+    """A module of the pack's core (``dreamtuner_core.X``), imported under the pack's one import name."""
+    import importlib
+
     from dreamtuner_devtools import pack
 
     pack.load(nodes=False)
-    from comfyui_dreamtuner.dreamtuner_core import files
+    return importlib.import_module(f"comfyui_dreamtuner.{name}")
 
-    return files
+
+def core_files():
+    """The pack's atomic writer (``dreamtuner_core.files``): a model file or the manifest is whole or absent."""
+    return pack_module("dreamtuner_core.files")
 
 
 def nodes():
