@@ -331,6 +331,29 @@ def test_context_windows(ade, setup, monkeypatch):
                                  magnitude=magnitude(model, CONTEXT_FRAMES))
 
 
+def test_interleaved_guidance_with_animatediff(ade, setup):
+    """The pack's guider (Eq. 4-6 through the host's calc_cond_batch) on the same model: every evaluation's
+    temporal attention sees AnimateDiff's frames only (4 rows per conditioning, video length 4), the frames are
+    finite and differ from AnimateDiff alone under the same guider settings without a reference effect."""
+    from comfyui_dreamtuner.dreamtuner_core.guidance.interleaved_cfg import sample_interleaved
+
+    model, pos, neg, motion = setup
+
+    def run(omega_ref):
+        patched = ssa(animatediff(ade, model, motion), tm.latent(7), omega_ref=omega_ref)
+        with temporal_attention_batches() as batches:
+            out = sample_interleaved(patched, 1, STEPS, 5.0, "euler", "normal", pos, neg,
+                                     {"samples": torch.zeros(FRAMES, 4, 8, 8)}, p_r=0.5, disable_pbar=True)
+        return out[0]["samples"], batches
+
+    with_reference, batches = run(3.0)
+    without, _ = run(0.0)
+    assert batches and set(batches) <= {(FRAMES, FRAMES), (2 * FRAMES, FRAMES)}, batches
+    assert torch.isfinite(with_reference).all()
+    change = (with_reference - without).flatten(1).abs().amax(dim=1)
+    assert bool((change > 1e-3 * float(without.abs().max())).all()), change
+
+
 def test_an_injection_the_reference_pass_cannot_leave_out_is_refused(setup):
     """A pack that injected modules which are no layer of the UNet's blocks: a clear error naming it."""
     import comfy.patcher_extension
