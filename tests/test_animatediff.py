@@ -364,3 +364,29 @@ def test_an_injection_the_reference_pass_cannot_leave_out_is_refused(setup):
         inject=lambda patcher: None, eject=lambda patcher: None)])
     with pytest.raises(DreamTunerInputError, match="other_pack: none of its modules is a layer of the UNet's blocks"):
         sample(patched, pos, neg, frames=1)
+
+
+def test_an_injected_layer_the_host_runs_itself_is_refused(setup):
+    """A pack that injected a layer of a kind the host's forward_timestep_embed calls itself (a ResBlock: no
+    forward_timestep_embed_patch reaches it, so the reference pass could not leave it out): a clear error."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.patcher_extension
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    model, pos, neg, motion = setup
+    layer = ResBlock(320, 1280, 0.0, operations=comfy.ops.disable_weight_init)
+    holder = comfy.model_patcher.ModelPatcher(torch.nn.Sequential(layer), load_device=torch.device("cpu"),
+                                              offload_device=torch.device("cpu"))
+    patched = ssa(model, tm.latent(7)).clone()
+    patched.set_additional_models("other_pack", [holder])
+    patched.set_injections("other_pack", [comfy.patcher_extension.PatcherInjection(
+        inject=lambda patcher: patcher.model.diffusion_model.input_blocks[1].append(layer),
+        eject=lambda patcher: patcher.model.diffusion_model.input_blocks[1].pop(-1))])
+    try:
+        with pytest.raises(DreamTunerInputError, match="other_pack: 'ResBlock' .* is a layer the host runs itself"):
+            sample(patched, pos, neg, frames=1)
+    finally:  # the host keeps a loaded model injected until it unloads it
+        comfy.model_management.unload_all_models()
+    assert not any(m is layer for m in model.model.diffusion_model.input_blocks[1])  # ejected: the model is as before
