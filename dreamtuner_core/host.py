@@ -49,6 +49,40 @@ def hook_group(base_model):
     return getattr(patcher, "current_hooks", None)
 
 
+def injected_block_layers(base_model):
+    """Modules other packs injected into the UNet's blocks, by injection key (current ComfyUI's ``injections``).
+
+    A pack that injects modules (AnimateDiff-Evolved's motion modules) registers its ``PatcherInjection``
+    list and the models holding those modules (``additional_models``) under one key; the injected layers
+    are the blocks' children that belong to those models. Returns {key: [layer, ...]} for every key of the
+    sampling patcher's ``injections`` (an empty list: that pack injected something this cannot find in the
+    blocks); {} on cores without injections (late 2024) and for models without any.
+    """
+    patcher = getattr(base_model, "current_patcher", None)
+    injections = getattr(patcher, "injections", None) or {}
+    if not injections:
+        return {}
+    unet = getattr(base_model, "diffusion_model", None)
+    blocks = list(getattr(unet, "input_blocks", None) or []) + list(getattr(unet, "output_blocks", None) or [])
+    if getattr(unet, "middle_block", None) is not None:
+        blocks.append(unet.middle_block)
+    found = {}
+    for key in injections:
+        owned = {id(m) for extra in (getattr(patcher, "additional_models", None) or {}).get(key, [])
+                 for m in getattr(getattr(extra, "model", None), "modules", lambda: ())()}
+        found[key] = [layer for block in blocks for layer in block if id(layer) in owned]
+    return found
+
+
+def reaches_timestep_embed_patch(layer) -> bool:
+    """Whether the host's ``forward_timestep_embed`` hands ``layer`` to a ``forward_timestep_embed_patch``:
+    only layers of none of the kinds it calls itself (ResBlocks, transformers, upsampling) do."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepBlock, Upsample
+
+    return not isinstance(layer, (TimestepBlock, SpatialTransformer, Upsample))
+
+
 def on_cleanup(patcher, key, callback):
     """Run ``callback(patcher)`` when the host ends a sampling run (current ComfyUI: ``ON_CLEANUP``).
 

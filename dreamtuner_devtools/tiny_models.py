@@ -42,6 +42,18 @@ SD15_NARROW = dict(
     transformer_depth_middle=1, num_heads=8, context_dim=768, use_linear_in_transformer=False,
     adm_in_channels=None, use_temporal_attention=False,
 )
+# The least UNet AnimateDiff-Evolved's SD1.5 motion modules fit: its down-block modules go after the first
+# layer of each input block, with widths 320, 640, 1280, 1280 and two blocks per level, so the four levels
+# and two res blocks each are those of SD1.5; attention only at the first level (input 1, 2 and output 9-11),
+# a middle block of two res blocks (no transformer; ADE's eject walks the middle block). About 700 M
+# parameters: build it with weights stored in fp8 (weight_dtype), computed in fp32 by the host's manual
+# cast, about 0.7 GB.
+SD15_MOTION = dict(
+    image_size=32, use_spatial_transformer=True, in_channels=4, out_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 0, 0, 0, 0, 0, 0],
+    transformer_depth_output=[0] * 9 + [1, 1, 1], transformer_depth_middle=-1, num_heads=8, context_dim=768,
+    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+)
 
 # A Flux-shaped DiT (no UNet self-attention), for the unsupported-family error.
 FLUX_TINY = dict(
@@ -81,11 +93,16 @@ def init_weights(module: torch.nn.Module, seed: int = 0, scale: float = 1.0, fp1
     return module
 
 
-def build(family: str = "sd15", seed: int = 0, unet_config=None):
-    """A ModelPatcher around a real BaseModel of the family, on the CPU."""
+def build(family: str = "sd15", seed: int = 0, unet_config=None, weight_dtype=torch.float32):
+    """A ModelPatcher around a real BaseModel of the family, on the CPU.
+
+    weight_dtype: the dtype the UNet stores its weights in; another than float32 is computed in float32
+    (the host's manual cast), for a large UNet in less memory.
+    """
     classes = {
         "sd15": (comfy.supported_models.SD15, SD15_TINY),
         "sd15_narrow": (comfy.supported_models.SD15, SD15_NARROW),
+        "sd15_motion": (comfy.supported_models.SD15, SD15_MOTION),
         "sd21": (comfy.supported_models.SD20, SD21_TINY),
         "sdxl": (comfy.supported_models.SDXL, SDXL_TINY),
         "flux": (comfy.supported_models.Flux, FLUX_TINY),
@@ -95,12 +112,14 @@ def build(family: str = "sd15", seed: int = 0, unet_config=None):
     if family == "flux":
         unet_config.update(_flux_fields_of_this_host())
     config = config_class(unet_config)
+    if weight_dtype != torch.float32:
+        config.set_inference_dtype(weight_dtype, torch.float32)
     if family == "sd21":  # SD2.x 768-v: v-prediction
         model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
     else:
         model = config.get_model({}, device="cpu")
     init_weights(model.diffusion_model, seed)
-    model.diffusion_model.to(torch.float32)
+    model.diffusion_model.to(weight_dtype)
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 

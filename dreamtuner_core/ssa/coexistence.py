@@ -1,9 +1,10 @@
 """Living with other packs: which patches are this pack's, when the reference may ride along, what is refused.
 
 Another pack's patch or wrapper may prepare its inputs for the batch it was
-given, so the reference then gets a clean call of its own; an attention
-replacement on a patched layer, or modules injected into the UNet that read
-batch rows as video frames, cannot be combined with Eq. 3 and are named.
+given, so the reference then gets a clean call of its own; modules another pack
+injected between the UNet's layers (AnimateDiff-Evolved's motion modules, which
+read every batch row as a video frame) are skipped in that call; an attention
+replacement on a patched layer cannot be combined with Eq. 3 and is named.
 """
 
 from __future__ import annotations
@@ -42,20 +43,31 @@ def rides_along_safely(c) -> bool:
     return not foreign_patches(c.get("transformer_options") or {})
 
 
-def reference_pass_options(options):
+def reference_pass_options(options, skipped=()):
     """``transformer_options`` for a reference-only call: this pack's patches, none of other packs'.
 
     The reference pass is the UNet with the model's weights (checkpoint, LoRA, per-conditioning
     hooks) and the reference's text: other packs' runtime patches, wrappers and ControlNets shape
     the generated image, not the reference's features (README, "Composing with other packs").
+    ``skipped``: classes of layers other packs injected into the UNet's blocks
+    (:func:`injected_layer_classes`); the host's ``forward_timestep_embed`` hands them to
+    :func:`past_injected_layer` in this call, so the reference rows never enter them.
     """
     clean = {k: v for k, v in options.items() if k not in ("patches", "patches_replace", "wrappers")}
     clean["patches"] = {kind: [p for p in patches if is_own_patch(p)]
                         for kind, patches in (options.get("patches") or {}).items()}
     clean["patches_replace"] = {kind: {key: p for key, p in patches.items() if is_own_patch(p)}
                                 for kind, patches in (options.get("patches_replace") or {}).items()}
+    if skipped:
+        clean["patches"]["forward_timestep_embed_patch"] = [(kind, past_injected_layer) for kind in skipped]
     clean["cond_or_uncond"] = [0]
     return clean
+
+
+def past_injected_layer(layer, x, *args, **kwargs):
+    """A ``forward_timestep_embed_patch`` handler of the reference pass: the injected layer is not run and
+    its input goes on unchanged, as in the UNet without that pack's modules."""
+    return x
 
 
 def replacement_conflict(other, layer) -> str:
@@ -92,14 +104,27 @@ def check_replacements(state, options):
             raise DreamTunerInputError(replacement_conflict(current, layer))
 
 
-def check_model_injections(base):
-    """Refuse models whose UNet carries another pack's modules that see every batch row as a video frame."""
-    patcher = getattr(base, "current_patcher", None)
-    injections = getattr(patcher, "injections", None) or {}
-    if injections:
-        names = ", ".join(sorted(injections))
-        raise DreamTunerInputError(
-            f"Self-Subject-Attention cannot run its reference pass through this model: another pack has "
-            f"injected modules into the UNet ({names}; AnimateDiff's motion modules, for example, read every "
-            "batch row as a video frame, and the reference is not a frame). Put Self-Subject-Attention on a "
-            "model without them, or remove that pack's node from this model.")
+def injected_layer_classes(base):
+    """Classes of the layers other packs injected into the UNet's blocks, which the reference pass skips.
+
+    AnimateDiff-Evolved puts its motion modules between the UNet's layers (a ``PatcherInjection`` with
+    the motion models as ``additional_models``, both under the key "ADE") and they read every row of a
+    call as one video frame: their temporal attention mixes the rows. The reference is not a frame, so
+    with such layers on the model it never rides in the frames' call (that call stays the pack's batch,
+    unchanged) and its own call skips them (:func:`reference_pass_options`): every frame then reads the
+    features of the reference as the UNet without the motion modules sees it. An injection whose modules
+    are not plain layers of the UNet's blocks cannot be skipped that way and is refused.
+    """
+    classes = []
+    for key, layers in host.injected_block_layers(base).items():
+        unreachable = [layer for layer in layers if not host.reaches_timestep_embed_patch(layer)]
+        if not layers or unreachable:
+            where = ("none of its modules is a layer of the UNet's blocks" if not layers else
+                     f"{host.describe(unreachable[0])} is a layer the host runs itself")
+            raise DreamTunerInputError(
+                f"Self-Subject-Attention cannot run its reference pass through this model: another pack has "
+                f"injected modules into the UNet ({key}: {where}, so the reference pass cannot leave them "
+                "out, and they would read the reference as one more batch row). Put Self-Subject-Attention on "
+                "a model without them, or remove that pack's node from this model.")
+        classes += [type(layer) for layer in layers if type(layer) not in classes]
+    return tuple(classes)

@@ -12,8 +12,10 @@ evaluation, so cond and uncond evaluated in separate calls share them, and
 freed at its end (:class:`~.cache.RunCache`). When it cannot ride along (another
 size than the generated latent, a text conditioning of another length, a batch
 it does not divide into) or must not (another pack's patch or wrapper is on the
-call: :func:`~.coexistence.rides_along_safely`) it gets a forward of its own,
-without other packs' runtime patches (:func:`~.coexistence.reference_pass_options`).
+call: :func:`~.coexistence.rides_along_safely`; modules injected into the UNet that
+read batch rows as video frames: :func:`~.coexistence.injected_layer_classes`) it gets
+a forward of its own, without other packs' runtime patches and injected layers
+(:func:`~.coexistence.reference_pass_options`).
 
 The reference pass gets no ControlNet residuals: the control describes the
 generated image's layout, not the reference's (METHOD.md choice).
@@ -35,7 +37,7 @@ from .. import host
 from ..errors import DreamTunerInputError
 from ..keys import CALL_KEY, PLAN_KEY, STATE_KEY
 from .cache import CallPlan, ReferenceFeatures
-from .coexistence import check_model_injections, observes_attention, reference_pass_options, rides_along_safely
+from .coexistence import injected_layer_classes, observes_attention, reference_pass_options, rides_along_safely
 from .replace import SelfSubjectAttentionReplace
 
 
@@ -102,7 +104,7 @@ def apply_with_references(apply_model, x, t, **c):
     # redone when the positive arrives in the same step.
     cache = state.cache
     base = getattr(apply_model, "__self__", None)
-    check_model_injections(base)
+    injected = injected_layer_classes(base)  # AnimateDiff's motion modules: the reference gets its own call
     levels = cache.for_step(sigma, options.get("sample_sigmas"), host.hook_group(base))
     crossattn = c.get("c_crossattn")
     has_positive = 0 in cond_or_uncond and crossattn is not None
@@ -127,7 +129,7 @@ def apply_with_references(apply_model, x, t, **c):
             pending[level] = ReferenceFeatures(text if reads_text else None)
 
     along, apart = [], []
-    fast = rides_along_safely(c)
+    fast = rides_along_safely(c) and not injected
     for level in pending:
         for reference in level_references[level]:
             context = reference.context if reference.context is not None else text
@@ -142,7 +144,7 @@ def apply_with_references(apply_model, x, t, **c):
         ref_x, ref_t = reference_inputs(base, rows, x, t)
         ref_c = reference_conditioning(c, rows, positive_row, ref_x.shape[0], 0, ref_x.shape[-2:],
                                        cache.positive_extras)
-        ref_c["transformer_options"] = reference_pass_options(options)
+        ref_c["transformer_options"] = reference_pass_options(options, injected)
         ref_c["transformer_options"][CALL_KEY] = CallPlan(0, [], [(lvl, r) for lvl, r, _ in rows], made, cache)
         apply_model(ref_x, ref_t, **ref_c)
         levels.update(made)
