@@ -33,9 +33,9 @@ from .base_report import RESULTS, grid_png
 from .effect import METRICS, summarise
 
 # Chosen from a short schedule on this CPU (world/README.md, "Fine-tuning in the world").
-STEPS = 150
-LORA_LR = 1e-3
-TOKEN_LR = 5e-3
+STEPS = 200
+LORA_LR = 2e-3
+TOKEN_LR = 1e-2
 RANK = 4
 REGULAR = 8
 
