@@ -5,7 +5,7 @@ import os
 
 from ..dreamtuner_core.errors import DreamTunerInputError
 from ..dreamtuner_core.charts import loss_curve_image
-from ..dreamtuner_core.finetune import UNET_FULL, UNET_LORA, UNET_MODES, UNET_PAPER, FinetuneSettings, OutputFolders, finetune
+from ..dreamtuner_core.finetune import UNET_FULL, UNET_LORA, UNET_MODES, UNET_NONE, UNET_PAPER, FinetuneSettings, OutputFolders, finetune
 from ..dreamtuner_core.references import MASK_MODES, MASK_SUBJECT_IS_ONE
 from .subject_encoder import FOLDER as ENCODER_FOLDER
 from .subject_encoder import register_model_folder
@@ -85,7 +85,9 @@ class DreamTunerFinetune:
                     "as the full-size weight differences in the LoRA file (.diff keys, as large as the UNet; "
                     f"LoraLoader applies it). '{UNET_PAPER}': the paper's recipe (3.3): every UNet and text-encoder "
                     "weight at 1e-6 for 800 steps (steps, unet_lr, full_unet_lr, train_text_encoder and "
-                    "text_encoder_lr are not used). Full modes need far more memory than a LoRA.")}),
+                    "text_encoder_lr are not used). Full modes need far more memory than a LoRA. "
+                    f"'{UNET_NONE}': only [S*] trains (Textual Inversion-like); the UNet is not changed and the "
+                    "LoRA file holds no weights (unet_lr and rank are not used).")}),
                 "unet_lr": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 0.1, "step": 1e-6, "round": False,
                                       "tooltip": "UNet learning rate of a LoRA (about 1e-4). Full fine-tuning "
                                                  "takes full_unet_lr instead."}),

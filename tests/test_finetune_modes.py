@@ -128,3 +128,47 @@ def test_the_papers_recipe_is_a_preset_and_lora_stays_the_default():
     modes, options = inputs["required"]["unet_mode"]
     assert ft.UNET_PAPER in modes and options["default"] == ft.UNET_LORA
     assert inputs["optional"]["full_unet_lr"][1]["default"] == 1e-6
+
+
+def test_token_only_mode_trains_s_star_and_leaves_the_unet_as_it_was(parts, tmp_path):
+    """unet_mode 'none: [S*] only' (Textual Inversion-like): the LoRA file holds no tensor, the MODEL the fine-tune
+    returns samples exactly as the input model (same patches, same output), and [S*] moved as far as in a LoRA run
+    of the same seed's first step would have it move (same token lr)."""
+    import safetensors.torch
+
+    image, mask = parts["image"], parts["mask"]
+    regular = tm.image(5, 32, 32, batch=2)
+    model = parts["model"]
+    clip = tm.clip_text(embedding_directory=str(tmp_path / "embeddings"))
+    settings = ft.FinetuneSettings(**dict(BASE, name="ti", unet_mode=ft.UNET_NONE))
+    result = ft.finetune(model, clip, parts["vae"], image, regular, settings, folders_in(tmp_path), mask=mask)
+    assert len(result.losses) == BASE["steps"] and all(math.isfinite(v) for v in result.losses)
+    assert safetensors.torch.load_file(result.files["lora"]) == {}
+    assert set(result.model.patches) == set(model.patches)
+    import comfy.model_management as mm
+
+    x = parts["ref"][0][:1]
+    sigma = torch.tensor([1.0])
+    outputs = []
+    with torch.no_grad():
+        cond = clip.encode_from_tokens(clip.tokenize("a dog"))
+        for m in (model, result.model):
+            mm.load_models_gpu([m])
+            outputs.append(m.model.apply_model(x, sigma, c_crossattn=cond))
+    assert torch.equal(outputs[0], outputs[1])
+    vector = safetensors.torch.load_file(result.files["embedding"])
+    (initial,) = ft.build_prompts(clip, "dog")[2].values()
+    (trained,) = vector.values()
+    moved = float((trained[0] - initial.vector.detach()).abs().max())
+    # AdamW moves each coordinate by at most ~3.2 token_lr per step; the first step moves it by about token_lr
+    assert BASE["token_lr"] * 0.5 < moved <= 3.2 * BASE["steps"] * BASE["token_lr"] * 1.01, moved
+
+
+def test_token_only_mode_refuses_text_encoder_training():
+    from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
+    from comfyui_dreamtuner.nodes.finetune import DreamTunerFinetune
+
+    with pytest.raises(DreamTunerInputError, match="train_text_encoder"):
+        ft.settings.check_settings(ft.FinetuneSettings(**dict(BASE, unet_mode=ft.UNET_NONE, train_text_encoder=True)))
+    modes, options = DreamTunerFinetune.INPUT_TYPES()["required"]["unet_mode"]
+    assert ft.UNET_NONE in modes and options["default"] == ft.UNET_LORA

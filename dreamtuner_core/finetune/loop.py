@@ -46,7 +46,7 @@ from .adapters import Adapter, text_targets, unet_targets
 from .data import prepare_latents
 from .run_files import existing_run, from_files, run_hash, run_paths
 from .settings import (FORMAT, FORMAT_VERSION, UNET_LORA, FinetuneResult, FinetuneSettings, OutputFolders, check_family,
-                       check_parts, check_image, check_settings, resolve_preset, unet_learning_rate)
+                       check_parts, check_image, check_settings, resolve_preset, unet_learning_rate, UNET_NONE)
 from .subject_token import build_prompts, encode_text
 
 
@@ -178,8 +178,9 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
     generator = torch.Generator().manual_seed(int(settings.seed))
     plain_tokens, subject_tokens, slots = build_prompts(clip, settings.class_word)
     work = model.clone()
-    adapters = {key: Adapter(module, settings.unet_mode, settings.rank, generator)
-                for key, (module, _) in unet_targets(work).items()}
+    adapters = {} if settings.unet_mode == UNET_NONE else {
+        key: Adapter(module, settings.unet_mode, settings.rank, generator)
+        for key, (module, _) in unet_targets(work).items()}
     text_adapters = {}
     if settings.train_text_encoder:
         text_adapters = {key: Adapter(module, settings.unet_mode, settings.rank, generator)
@@ -216,6 +217,7 @@ def _train(model, clip, settings, reference, regular, encoder_patch, progress, i
                            "lr": settings.text_encoder_lr})
         if encoder is not None:
             groups.append({"params": list(encoder.resblocks.parameters()), "lr": settings.encoder_lr})
+        groups = [g for g in groups if g["params"]]  # [S*] only: no adapter group
         unet = work.model.diffusion_model
         with state.active(), inputs_copied(inplace_block_norms(unet, clip.cond_stage_model)), \
                 gradient_checkpointing(unet, settings.gradient_checkpointing, every_layer=True):

@@ -32,7 +32,11 @@ UNET_FULL = "full (saved as weight differences)"
 UNET_PAPER = "paper: full UNet + text encoder, lr 1e-6, 800 steps"
 
 
-UNET_MODES = (UNET_LORA, UNET_FULL, UNET_PAPER)
+# [S*] only (Textual Inversion-like): no UNet adapter trains; the LoRA file is written with no tensors.
+UNET_NONE = "none: [S*] only"
+
+
+UNET_MODES = (UNET_LORA, UNET_FULL, UNET_PAPER, UNET_NONE)
 
 
 PAPER_RECIPE = dict(unet_mode=UNET_FULL, train_text_encoder=True, full_unet_lr=1e-6, text_encoder_lr=1e-6,
@@ -124,6 +128,10 @@ def check_settings(settings: FinetuneSettings) -> str:
         raise DreamTunerInputError("rank must be at least 1 (4-32 is usual for a subject LoRA).")
     if settings.unet_mode not in UNET_MODES:
         raise DreamTunerInputError(f"unet_mode must be one of {UNET_MODES}, got {settings.unet_mode!r}.")
+    if settings.unet_mode == UNET_NONE and settings.train_text_encoder:
+        raise DreamTunerInputError(
+            f"unet_mode '{UNET_NONE}' trains only the [S*] token; turn train_text_encoder off, or choose "
+            f"'{UNET_LORA}' to train a LoRA of the text encoder too.")
     for label, value in (("unet_lr", settings.unet_lr), ("full_unet_lr", settings.full_unet_lr),
                          ("token_lr", settings.token_lr),
                          ("text_encoder_lr", settings.text_encoder_lr),
