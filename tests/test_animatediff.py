@@ -34,8 +34,8 @@ import tier2
 from dreamtuner_devtools import tiny_models as tm
 from comfyui_dreamtuner.dreamtuner_core.errors import DreamTunerInputError
 from comfyui_dreamtuner.dreamtuner_core.references import Reference
-from comfyui_dreamtuner.dreamtuner_core.ssa.cache import RunCache
 from comfyui_dreamtuner.nodes.ssa import SelfSubjectAttentionPatch
+from test_self_subject_attention import evaluation_features  # the reference features of every evaluation
 from tolerances import assert_network_outputs_close
 
 try:
@@ -189,23 +189,6 @@ def temporal_attention_batches():
         yield RECORDING[-1]
     finally:
         RECORDING.pop()
-
-
-@contextlib.contextmanager
-def evaluation_features():
-    """The reference features of every evaluation ({sigma: ReferenceFeatures}), recorded just before the
-    pack frees them at the evaluation's end."""
-    seen, original = [], RunCache.end_evaluation
-
-    def record(cache):
-        seen.append(dict(cache.levels.get(None, {})))
-        original(cache)
-
-    RunCache.end_evaluation = record
-    try:
-        yield seen
-    finally:
-        RunCache.end_evaluation = original
 
 
 def sample(model, pos, neg, frames=FRAMES):

@@ -53,6 +53,15 @@ def summarise(rows, seeds):
     return out
 
 
+def write_rows(rows, path, seeds):
+    """One CSV row per subject, seed and setting; returns :func:`summarise` of them."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["subject", "seed", "setting", *METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    return summarise(rows, seeds)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=24)
@@ -88,11 +97,7 @@ def main(argv=None):
         print(f"subject {i + 1}/{args.subjects} ({time.time() - t0:.0f} s)", flush=True)
     seconds = time.time() - t0
 
-    with open(RESULTS / "effect.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["subject", "seed", "setting", *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-    table = summarise(rows, args.seeds)
+    table = write_rows(rows, RESULTS / "effect.csv", args.seeds)
     lines = [f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {args.steps} steps, "
              f"cfg {args.cfg}; mean +- spread over seeds (std of the per-seed means). identity: cosine of the "
              "world's identity embedder to the reference; pattern: fraction of the 9 pattern cells read right "

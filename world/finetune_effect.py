@@ -20,7 +20,6 @@ seeds, as world/effect.py) and finetune_grid.png (reference | plain | [S*] only 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import re
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 from . import experiment, host
 from .base_report import RESULTS, grid_png
-from .effect import METRICS, summarise
+from .effect import METRICS, write_rows
 
 # Chosen from a short schedule on this CPU (world/README.md, "Fine-tuning in the world").
 STEPS = 200
@@ -156,11 +155,7 @@ def main(argv=None):
     seconds = time.time() - t0
     per = {k: sum(t[k] for t in timings) / len(timings) for k in timings[0]}
 
-    with open(RESULTS / f"{args.out}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["subject", "seed", "setting", *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-    table = summarise(rows, args.seeds)
+    table = write_rows(rows, RESULTS / f"{args.out}.csv", args.seeds)
     lines = [f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {experiment.STEPS} steps, "
              f"cfg {experiment.CFG}; fine-tune {schedule.steps} steps (batch 2), LoRA rank {schedule.rank} at "
              f"{schedule.unet_lr:g}, [S*] at {schedule.token_lr:g}, {schedule.regular} regular images (the model's "
