@@ -47,6 +47,13 @@ REFERENCE_TARGETS = 8
 REFERENCE_SUBJECTS = 1200
 REFERENCE_RENDERS = 10  # renders per subject: one is the reference of a step, REFERENCE_TARGETS others its rows
 
+# The joint UNet (opt-in: --only unet_joint; world/README.md, "Fourth part"): trained from a seeded start with
+# the plain and the reference objective together from the first step, on the part-marked renders with
+# --marks. A shorter EMA window than the shipped UNet's (whose 0.999 reached back into early training).
+JOINT_STEPS = 2000
+JOINT_PLAIN = 8
+JOINT_EMA = 0.995
+
 
 def init_weights(module, seed, scale=1.0):
     """Seeded fan-in normal initialisation (comfy's ops skip initialisation)."""
@@ -143,7 +150,7 @@ def build_vae(images, seed, steps, batch=16, log=print):
         pw, pb = ae.post_quant_conv.weight, ae.post_quant_conv.bias
         pb += (pw[:, :, 0, 0] @ mu)
         pw /= s[None, :, None, None]
-    save(ae.to(memory_format=torch.contiguous_format).state_dict(), "vae.safetensors")
+    save(ae.to(memory_format=torch.contiguous_format).state_dict(), host.VAE_FILE)
 
 
 def encode_latents(vae, images, batch=512):
@@ -283,7 +290,8 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "unet_reference", "identity", "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "unet_reference", "unet_joint", "identity",
+                                                    "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
@@ -294,6 +302,10 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=PAIRS, help="repetition images in the second stage")
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help=(
         "reference stage, continued from the first: plain batches plus rows through self-subject-attention"))
+    parser.add_argument("--joint-steps", type=int, default=JOINT_STEPS, help="steps of the joint UNet")
+    parser.add_argument("--marks", action="store_true", help=(
+        "the part-marked world (generator.MARKS): its renders, its VAE vae_marks.safetensors; the joint UNet is "
+        "written as unet_marks.safetensors"))
     parser.add_argument("--unet-raw", default=None, help="also write the second stage's raw (non-EMA) weights here")
     parser.add_argument("--measure-steps", type=int, default=800)
     parser.add_argument("--scene-steps", type=int, default=1200)
@@ -303,6 +315,8 @@ def main(argv=None):
         "ran 6x slower here)"))
     args = parser.parse_args(argv)
     host.setup(args.threads)
+    if args.marks:
+        host.use_marks()
     parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
     times = {}
 
@@ -314,23 +328,23 @@ def main(argv=None):
         return result
 
     data = None
-    if parts & {"vae", "unet", "unet_stage2", "unet_reference"}:
+    if parts & {"vae", "unet", "unet_stage2", "unet_reference", "unet_joint"}:
         # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
         data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
         timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
-    if parts & {"unet", "unet_stage2", "unet_reference"}:
+    if parts & {"unet", "unet_stage2", "unet_reference", "unet_joint"}:
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
-            vae = host.make_vae({k: v.float() for k, v in host.load_file("vae.safetensors").items()})
+            vae = host.make_vae({k: v.float() for k, v in host.load_file(host.VAE_FILE).items()})
             captions = [c.text for c in generator.TRAIN_CAPTIONS]
             pair_texts = [generator.pair_caption_text(*k) for k in generator.PAIR_CAPTIONS]
             index = {text: i for i, text in enumerate(captions + pair_texts)}
             pairs = generator.pair_dataset(args.pairs, seed=2) if "unet_stage2" in parts else None
             groups = None
-            if "unet_reference" in parts:
+            if parts & {"unet_reference", "unet_joint"}:
                 groups = reference_training.groups(REFERENCE_SUBJECTS, REFERENCE_RENDERS, 3, vae, index, encode_latents)
             return (groups, encode_latents(vae, data["images"][:args.images]),
                     torch.tensor([index[c.text] for c in data["captions"][:args.images]]),
@@ -351,10 +365,18 @@ def main(argv=None):
                   batch=REFERENCE_PLAIN, lr=REFERENCE_LR, init=base, ema_decay=UNET_EMA, warmup=100,
                   out_name=REFERENCE_CANDIDATE, raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS),
                   save_every=250)
+        if "unet_joint" in parts:
+            timed("unet_joint", build_unet, latents, cond_index, conds, seed=54, steps=args.joint_steps,
+                  batch=JOINT_PLAIN, init=None, ema_decay=JOINT_EMA,
+                  out_name="unet_marks.safetensors" if args.marks else "unet_joint.safetensors",
+                  raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS), save_every=250)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
         timed("scene", build_scene, seed=71, steps=args.scene_steps)
+    if args.marks:  # a candidate world: the manifest lists the shipped files only
+        print(f"build times (s): {times}")
+        return
     extra = {}
     if manifest.MANIFEST.exists():
         import json

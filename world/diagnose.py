@@ -111,7 +111,10 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--cfgs", type=float, nargs="*", default=[1.0, 4.0, 8.0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["cfg", "denoise", "mass", "easy", "zero"])
+    parser.add_argument("--marks", action="store_true", help="the part-marked world (renders and VAE; build --marks)")
     args = parser.parse_args(argv)
+    if args.marks:
+        experiment.host.use_marks()
     t0 = time.time()
     world = experiment.World(args.unet)
     cases = [experiment.make_case(i) for i in range(args.subjects)]

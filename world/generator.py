@@ -44,6 +44,16 @@ POSITIONS = ("on the left", "in the middle", "on the right")
 SIZES = ("small", "big")
 OBJECTS = ("", "a tree", "a rock", "a lamp")
 
+# Part marks (opt-in, world/README.md "Fourth part"): every cell of the body carries a darker square at the
+# place inside the cell that is the cell's own place in the grid (the top-left cell is dark in its top-left
+# corner, the centre cell in its centre, ...). The marks are the same for every subject of every family, so
+# they say nothing about identity (the colours do); they are the world's class-generic parts (a real
+# subject's eyes, ears and wheels), which let a token of a reference tell which part of the body it shows.
+# Hue and saturation are unchanged (the darkening is a factor on all channels), so ``read_pattern`` reads
+# marked bodies as it reads plain ones. Set by the commands' --marks; False is the shipped world.
+MARKS = False
+MARK_DARKENING = 0.75
+
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
@@ -135,6 +145,19 @@ def _body_box(family: int, size: int):
     return s, (9, 12)[size], (3, 4)[size]  # car: wide, two wheels
 
 
+def _part_marks(w: int, h: int) -> np.ndarray:
+    """[h, w] brightness factors of the part marks on a body of w x h pixels (see MARKS)."""
+    factor = np.ones((h, w), np.float32)
+    for i in range(GRID):
+        for j in range(GRID):
+            ya, yb = i * h // GRID, (i + 1) * h // GRID
+            xa, xb = j * w // GRID, (j + 1) * w // GRID
+            mh, mw = max(1, (yb - ya) // 2), max(1, (xb - xa) // 2)
+            my, mx = ya + round(i * (yb - ya - mh) / 2), xa + round(j * (xb - xa - mw) / 2)
+            factor[my:my + mh, mx:mx + mw] = MARK_DARKENING
+    return factor
+
+
 def render(subject: Subject, caption: Caption, rng: np.random.Generator):
     """(image uint8 [32,32,3], subject mask float32 [32,32], layout float32 [32,32], body box (x0,y0,w,h))."""
     assert caption.family == subject.family
@@ -184,6 +207,8 @@ def render(subject: Subject, caption: Caption, rng: np.random.Generator):
     ys = np.arange(h) * GRID // h
     xs = np.arange(w) * GRID // w
     img[y0:y0 + h, x0:x0 + w] = PALETTE[cells[ys[:, None], xs[None, :]]] * light
+    if MARKS:
+        img[y0:y0 + h, x0:x0 + w] *= _part_marks(w, h)[..., None]
     mask[y0:y0 + h, x0:x0 + w] = 1
     if feet:
         dark = np.array((40, 40, 44), np.float32)

@@ -173,6 +173,19 @@ def load_file(name: str):
     return comfy.utils.load_torch_file(str(MODELS / name), safe_load=True)
 
 
+# The VAE file the commands read and write; ``use_marks`` switches the world to its part-marked renders.
+VAE_FILE = "vae.safetensors"
+
+
+def use_marks():
+    """The part-marked world (generator.MARKS; world/README.md, "Fourth part"): its renders and its own VAE."""
+    global VAE_FILE
+    from . import generator
+
+    generator.MARKS = True
+    VAE_FILE = "vae_marks.safetensors"
+
+
 @functools.lru_cache(maxsize=None)
 def world_models(unet_name="unet.safetensors"):
     """(unet ModelPatcher, vae, clip) from the shipped files, checked against the manifest first.
@@ -186,7 +199,7 @@ def world_models(unet_name="unet.safetensors"):
     import comfy.utils
 
     unet = make_unet({k: v.float() for k, v in comfy.utils.load_torch_file(str(path), safe_load=True).items()})
-    vae = make_vae({k: v.float() for k, v in load_file("vae.safetensors").items()})
+    vae = make_vae({k: v.float() for k, v in load_file(VAE_FILE).items()})
     clip = make_clip({k: v.float() for k, v in load_file("clip_text.safetensors").items()})
     return unet, vae, clip
 
