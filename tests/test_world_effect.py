@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from world import experiment, generator, manifest  # the repo root is on sys.path (conftest.py)
+from world_checks import paired_gain, world_run
 
 SUBJECTS = 6
 SEEDS = 2
@@ -48,12 +49,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def results():
-    try:
-        manifest.verify()
-    except (FileNotFoundError, ValueError) as error:
-        pytest.fail(f"world files: {error}")
-    threads = torch.get_num_threads()
-    try:
+    with world_run():
         world = experiment.World()
         out = {name: {m: [] for m in ("identity", "pattern", "scene", "seen")} for name in SETTINGS}
         for i in range(SUBJECTS):
@@ -64,8 +60,6 @@ def results():
                 for m in out[name]:
                     out[name][m].extend(scores[m])
         return {name: {m: np.array(v) for m, v in metrics.items()} for name, metrics in out.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_world_files_match_their_manifest():
@@ -101,8 +95,7 @@ def test_base_model_draws_a_subject(results):
 
 def gain(results, name, metric="identity"):
     """Paired gain over plain sampling: mean and standard error over (subject, seed)."""
-    delta = results[name][metric] - results["plain"][metric]
-    return float(delta.mean()), float(delta.std(ddof=1) / np.sqrt(len(delta)))
+    return paired_gain(results, name, "plain", metric)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -141,6 +134,6 @@ def test_the_reference_lowers_the_denoising_error():
     from world import diagnose
 
     world = experiment.World()
-    gain = diagnose.denoising_gain(world, "same", n=12, omegas=(3.0,))[3.0].mean(1)
+    gain = diagnose.denoising_gain(world, "same", n=12, omegas=(3.0,))[3.0, "image"].mean(1)
     se = gain.std(ddof=1) / np.sqrt(len(gain))
     assert gain.mean() > 2 * se, f"error drop {gain.mean():+.3f} +- {se:.3f} (se, {len(gain)} subjects)"

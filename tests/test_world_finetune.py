@@ -20,9 +20,9 @@ import tempfile
 
 import numpy as np
 import pytest
-import torch
 
-from world import experiment, finetune_effect as fe, manifest  # the repo root is on sys.path (conftest.py)
+from world import experiment, finetune_effect as fe  # the repo root is on sys.path (conftest.py)
+from world_checks import paired_gain, world_run
 
 SUBJECTS = 5
 SEEDS = 3
@@ -41,12 +41,7 @@ SCENE_BOUND = 0.35
 
 @pytest.fixture(scope="module")
 def results():
-    try:
-        manifest.verify()
-    except (FileNotFoundError, ValueError) as error:
-        pytest.fail(f"world files: {error}")
-    threads = torch.get_num_threads()
-    try:
+    with world_run():
         with tempfile.TemporaryDirectory() as root:
             folders = fe.folders_in(root)
             world = fe.make_world(folders.embeddings)
@@ -57,8 +52,6 @@ def results():
                     for m in out[row]:
                         out[row][m].extend(scores[m])
         return {row: {m: np.array(v) for m, v in metrics.items()} for row, metrics in out.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def effect(results, row):
@@ -76,8 +69,7 @@ def effect(results, row):
 
 def gain(results, row, metric="identity"):
     """Paired gain over plain sampling: mean and standard error over (subject, seed)."""
-    delta = results[row][metric] - results[fe.PLAIN][metric]
-    return float(delta.mean()), float(delta.std(ddof=1) / np.sqrt(len(delta)))
+    return paired_gain(results, row, fe.PLAIN, metric)
 
 
 def test_prompt_names_the_embedding_after_the_class_word():

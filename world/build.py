@@ -23,6 +23,9 @@ from . import generator, host, manifest, nets, reference_training
 
 FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identity.safetensors",
          "scene.safetensors")
+# The part-marked world (--marks; world/README.md, "Fourth part"): its VAE and its joint UNet, shipped beside
+# the world above (the text encoder and the measures are shared).
+MARKS_FILES = (host.MARKS_VAE_FILE, host.MARKS_UNET_FILE)
 # Not shipped yet (world/README.md, "Second part"): the second UNet stage, a candidate with no measurement.
 CANDIDATE = "unet_stage2.safetensors"
 
@@ -53,6 +56,10 @@ REFERENCE_RENDERS = 10  # renders per subject: one is the reference of a step, R
 JOINT_STEPS = 2000
 JOINT_PLAIN = 8
 JOINT_EMA = 0.995
+
+
+# The shipped UNet and the opt-in candidate stages above, as --only names them.
+UNET_PARTS = ("unet", "unet_stage2", "unet_reference", "unet_joint")
 
 
 def init_weights(module, seed, scale=1.0):
@@ -290,12 +297,12 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", "unet", "unet_stage2", "unet_reference", "unet_joint", "identity",
-                                                    "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", *UNET_PARTS, "identity", "scene"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=None,
+                        help="default 600; 1000 with --marks (the marks need a sharper VAE)")
     parser.add_argument("--unet-steps", type=int, default=1200, help="the shipped UNet: single-subject captions")
     parser.add_argument("--stage2-steps", type=int, default=UNET_STEPS, help=(
         "second stage, continued from the first: single-subject captions plus repetition images"))
@@ -317,6 +324,8 @@ def main(argv=None):
     host.setup(args.threads)
     if args.marks:
         host.use_marks()
+    if args.vae_steps is None:
+        args.vae_steps = 1000 if args.marks else 600
     parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
     times = {}
 
@@ -328,14 +337,14 @@ def main(argv=None):
         return result
 
     data = None
-    if parts & {"vae", "unet", "unet_stage2", "unet_reference", "unet_joint"}:
+    if parts & {"vae", *UNET_PARTS}:
         # renders are drawn in sequence from one seeded stream: the first N of a larger set are the N-image set
         data = timed("data", generator.dataset, max(args.vae_images if "vae" in parts else 0, args.images), seed=1)
     if "clip" in parts:
         timed("clip_text", build_clip, seed=31)
     if "vae" in parts:
         timed("vae", build_vae, data["images"][:args.vae_images], seed=41, steps=args.vae_steps)
-    if parts & {"unet", "unet_stage2", "unet_reference", "unet_joint"}:
+    if parts & set(UNET_PARTS):
         def latents_and_conds():
             clip = host.make_clip({k: v.float() for k, v in host.load_file("clip_text.safetensors").items()})
             vae = host.make_vae({k: v.float() for k, v in host.load_file(host.VAE_FILE).items()})
@@ -368,23 +377,23 @@ def main(argv=None):
         if "unet_joint" in parts:
             timed("unet_joint", build_unet, latents, cond_index, conds, seed=54, steps=args.joint_steps,
                   batch=JOINT_PLAIN, init=None, ema_decay=JOINT_EMA,
-                  out_name="unet_marks.safetensors" if args.marks else "unet_joint.safetensors",
+                  out_name=host.MARKS_UNET_FILE if args.marks else "unet_joint.safetensors",
                   raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS), save_every=250)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
         timed("scene", build_scene, seed=71, steps=args.scene_steps)
-    if args.marks:  # a candidate world: the manifest lists the shipped files only
-        print(f"build times (s): {times}")
-        return
+    if args.marks:  # the part-marked world's times are kept apart from the shipped world's
+        times = {f"marks {k}": v for k, v in times.items()}
     extra = {}
     if manifest.MANIFEST.exists():
         import json
 
         extra = {k: v for k, v in json.loads(manifest.MANIFEST.read_text()).items() if k != "files"}
     extra.setdefault("build_seconds", {}).update(times)
-    manifest.write([f for f in FILES if (host.MODELS / f).exists()], extra)
-    total = sum((host.MODELS / f).stat().st_size for f in FILES if (host.MODELS / f).exists())
+    shipped = [f for f in FILES + MARKS_FILES if (host.MODELS / f).exists()]
+    manifest.write(shipped, extra)
+    total = sum((host.MODELS / f).stat().st_size for f in shipped)
     print(f"build times (s): {times}; files: {total / 1e6:.1f} MB in {host.MODELS}")
 
 

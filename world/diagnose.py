@@ -63,11 +63,19 @@ def _zero_self_attention(model):
     return m
 
 
-def denoising_gain(world, reference_render, n=24, levels=(200, 400, 600, 800), omegas=(1.0, 3.0), seed=5):
-    """Relative drop of the eps-MSE when the reference is attended: {omega: [n, len(levels)]}.
+def denoising_gain(world, reference_render, n=24, levels=(200, 400, 600, 800), omegas=(1.0, 3.0), seed=5,
+                   heldout=True):
+    """Relative drop of the eps-MSE when the reference is attended: {(omega, region): [n, len(levels)]}.
 
-    reference_render: "other" (another held-out caption) or "same" (the target render itself).
+    reference_render: "other" (another caption) or "same" (the target render itself).
+    heldout: held-out subjects in held-out captions (the effect's setting), else training subjects in
+        training captions (the reference stage's own setting: whether the UNet learned to use the
+        reference at all, apart from whether that carries over to subjects it never saw).
+    region: "image" (every latent position) or "subject" (the positions the subject's mask touches, where
+        the reference stage put its weight and where the reference can help).
     """
+    import torch.nn.functional as F
+
     from . import host
 
     ssa = host.pack_module("dreamtuner_core.ssa.install").apply_self_subject_attention
@@ -77,13 +85,13 @@ def denoising_gain(world, reference_render, n=24, levels=(200, 400, 600, 800), o
     sampling = unet.model.model_sampling
     sigma = sampling.sigmas[torch.tensor(levels)].float()
     g = torch.Generator().manual_seed(seed)
-    out = {w: [] for w in omegas}
+    out = {(w, r): [] for w in omegas for r in ("image", "subject")}
     with torch.no_grad(), host.fast_attention():
         for i in range(n):
-            subject = generator.draw_subject(rng, True)
+            subject = generator.draw_subject(rng, heldout)
             renders = []
             for _ in range(2):
-                caption = generator.draw_caption(rng, subject.family, True)
+                caption = generator.draw_caption(rng, subject.family, heldout)
                 image, mask, _, _ = generator.render(subject, caption, rng)
                 renders.append((torch.from_numpy(image).float() / 255, torch.from_numpy(mask), caption))
             target, ref = renders[1], renders[0] if reference_render == "other" else renders[1]
@@ -93,15 +101,19 @@ def denoising_gain(world, reference_render, n=24, levels=(200, 400, 600, 800), o
             x_t = x0 + sigma[:, None, None, None] * eps
             context = world.text(target[2].text)[0][0].expand(len(levels), -1, -1)
 
+            on_subject = F.adaptive_max_pool2d(target[1].float()[None, None], x0.shape[-2:])[0, 0]
+
             def error(model):
-                return ((x_t - predict(model, x_t, sigma, context)) / sigma[:, None, None, None] - eps).pow(2).mean((1, 2, 3))
+                sq = ((x_t - predict(model, x_t, sigma, context)) / sigma[:, None, None, None] - eps).pow(2).mean(1)
+                return {"image": sq.mean((1, 2)), "subject": (sq * on_subject).sum((1, 2)) / on_subject.sum()}
 
             plain = error(unet)
             for w in omegas:
                 patched = ssa(unet, world.encode(ref[0][None]), omega_ref=w, reference_mask=ref[1][None],
                               reference_context=world.text(ref[2].text)[0][0], seed=i)
-                out[w].append((plain - error(patched)) / plain)
-    return {w: torch.stack(v).numpy() for w, v in out.items()}
+                for region, e in error(patched).items():
+                    out[w, region].append((plain[region] - e) / plain[region])
+    return {key: torch.stack(v).numpy() for key, v in out.items()}
 
 
 def main(argv=None):
@@ -111,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--cfgs", type=float, nargs="*", default=[1.0, 4.0, 8.0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["cfg", "denoise", "mass", "easy", "zero"])
+    parser.add_argument("--training-subjects", action="store_true",
+                        help="denoise: training subjects in training captions instead of held-out ones")
     parser.add_argument("--marks", action="store_true", help="the part-marked world (renders and VAE; build --marks)")
     args = parser.parse_args(argv)
     if args.marks:
@@ -131,13 +145,14 @@ def main(argv=None):
                 f"({len(scene)} samples)")
 
     if "denoise" not in args.skip:
+        kind = "training" if args.training_subjects else "held-out"
         for which in ("other", "same"):
-            for w, gain in denoising_gain(world, which).items():
+            for (w, region), gain in denoising_gain(world, which, heldout=not args.training_subjects).items():
                 per_subject = gain.mean(1)
-                say(f"denoising error drop with the reference ({which} render), omega_ref {w:g}, t 200/400/600/800: "
-                    + " / ".join(f"{x:+.3f}" for x in gain.mean(0))
+                say(f"denoising error drop with the reference ({which} render, {region}), omega_ref {w:g}, "
+                    "t 200/400/600/800: " + " / ".join(f"{x:+.3f}" for x in gain.mean(0))
                     + f" (mean {per_subject.mean():+.3f} +- {per_subject.std(ddof=1) / np.sqrt(len(per_subject)):.3f} se, "
-                    f"{len(per_subject)} held-out subjects)")
+                    f"{len(per_subject)} {kind} subjects)")
 
     if "mass" not in args.skip:
         record, restore = _attention_mass_probe()

@@ -73,10 +73,24 @@ def main(argv=None):
     parser.add_argument("--no-mask-omegas", type=float, nargs="*", default=NO_MASK_OMEGAS,
                         help="omega_ref without the mask")
     parser.add_argument("--p-r", type=float, nargs="*", default=P_R, help="interleaved guidance's p_r (none: skip)")
+    parser.add_argument("--unet", default=None,
+                        help="a candidate UNet file in world/models (default: the world's shipped UNet); its "
+                             "results go to world/results/candidates/<its name>/, never over the shipped ones")
+    parser.add_argument("--marks", action="store_true", help=(
+        "the part-marked world (its renders, VAE and UNet; world/README.md, \"Fourth part\"); results in "
+        "world/results/marks/"))
     args = parser.parse_args(argv)
-    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS
+    if args.marks:  # the part-marked world: its shipped UNet unless a candidate is named
+        experiment.host.use_marks()
+        out = RESULTS / "marks"
+    if args.unet is not None:
+        out = RESULTS / "candidates" / args.unet.removesuffix(".safetensors")
+    elif args.marks:
+        args.unet = experiment.host.MARKS_UNET_FILE
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    world = experiment.World()
+    world = experiment.World(args.unet)
     rows, grid = [], []
     all_settings = settings(args.omegas, args.no_mask_omegas, p_rs=args.p_r)
     for i in range(args.subjects):
@@ -97,8 +111,9 @@ def main(argv=None):
         print(f"subject {i + 1}/{args.subjects} ({time.time() - t0:.0f} s)", flush=True)
     seconds = time.time() - t0
 
-    table = write_rows(rows, RESULTS / "effect.csv", args.seeds)
-    lines = [f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {args.steps} steps, "
+    table = write_rows(rows, out / "effect.csv", args.seeds)
+    lines = [f"UNet {args.unet or 'unet.safetensors'}{' (part-marked world)' if args.marks else ''}: "
+             f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {args.steps} steps, "
              f"cfg {args.cfg}; mean +- spread over seeds (std of the per-seed means). identity: cosine of the "
              "world's identity embedder to the reference; pattern: fraction of the 9 pattern cells read right "
              "(chance 0.2); scene / time / position: fraction read as prompted. Time: "
@@ -107,10 +122,10 @@ def main(argv=None):
     for name, metrics in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" for m in METRICS)
                      + " |")
-    (RESULTS / "effect.md").write_text("\n".join(lines) + "\n")
+    (out / "effect.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    grid_png(grid, RESULTS / "effect_grid.png")
-    plot(table, RESULTS / "effect.png")
+    grid_png(grid, out / "effect_grid.png")
+    plot(table, out / "effect.png")
 
 
 def plot(table, path):

@@ -175,23 +175,43 @@ def load_file(name: str):
 
 # The VAE file the commands read and write; ``use_marks`` switches the world to its part-marked renders.
 VAE_FILE = "vae.safetensors"
+MARKS_VAE_FILE = "vae_marks.safetensors"
+MARKS_UNET_FILE = "unet_marks.safetensors"
 
 
-def use_marks():
-    """The part-marked world (generator.MARKS; world/README.md, "Fourth part"): its renders and its own VAE."""
+def use_marks(on: bool = True):
+    """Switch to the part-marked world (generator.MARKS; world/README.md, "Fourth part"): its renders and
+    its own VAE; ``use_marks(False)`` switches back. Returns the previous state."""
     global VAE_FILE
     from . import generator
 
-    generator.MARKS = True
-    VAE_FILE = "vae_marks.safetensors"
+    previous = generator.MARKS
+    generator.MARKS = on
+    VAE_FILE = MARKS_VAE_FILE if on else "vae.safetensors"
+    return previous
 
 
-@functools.lru_cache(maxsize=None)
+@contextlib.contextmanager
+def marked_world():
+    """The part-marked world for a block (a test module beside the shipped world's), restored after."""
+    previous = use_marks(True)
+    try:
+        yield
+    finally:
+        use_marks(previous)
+
+
 def world_models(unet_name="unet.safetensors"):
     """(unet ModelPatcher, vae, clip) from the shipped files, checked against the manifest first.
 
     unet_name: a path to another UNet file (a candidate under diagnosis), or a shipped file's name.
+    The VAE is the current world's (VAE_FILE).
     """
+    return _world_models(unet_name, VAE_FILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _world_models(unet_name, vae_name):
     from . import manifest
 
     manifest.verify()
@@ -199,7 +219,7 @@ def world_models(unet_name="unet.safetensors"):
     import comfy.utils
 
     unet = make_unet({k: v.float() for k, v in comfy.utils.load_torch_file(str(path), safe_load=True).items()})
-    vae = make_vae({k: v.float() for k, v in load_file(VAE_FILE).items()})
+    vae = make_vae({k: v.float() for k, v in load_file(vae_name).items()})
     clip = make_clip({k: v.float() for k, v in load_file("clip_text.safetensors").items()})
     return unet, vae, clip
 
