@@ -170,14 +170,15 @@ def encode_latents(vae, images, batch=512):
 
 def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=print, init=None,
                ema_decay=0.999, warmup=200, out_name="unet.safetensors", raw_name=None, reference=None,
-               save_every=0):
+               save_every=0, subject_weight=reference_training.SUBJECT_WEIGHT):
     """Train the UNet (eps prediction, host sigmas/timesteps, 10 % empty-prompt dropout), write its EMA.
 
     init: a state dict to continue from (the second stage), else a seeded initialisation.
     raw_name: also write the raw (non-EMA) weights there (a diagnosis file, not shipped).
     save_every: also write the EMA every this many steps (a candidate can be probed while it trains).
     reference: (Groups, targets) for the reference stage: each step adds the loss of ``targets`` renders
-        denoised through the pack's self-subject-attention (:mod:`.reference_training`) to the plain batch's.
+        denoised through the pack's self-subject-attention (:mod:`.reference_training`) to the plain batch's,
+        the subject's pixels weighted ``subject_weight`` times the background's.
     """
     patcher = host.make_unet(init)
     unet = patcher.model.diffusion_model
@@ -210,7 +211,8 @@ def build_unet(latents, cond_index, conds, seed, steps, batch=16, lr=1e-3, log=p
             out = unet(x_in, timesteps=sampling.timestep(sigma).float(), context=conds[ci])
             loss = F.mse_loss(out, eps)
             if reference is not None:
-                ref_loss = reference_training.reference_loss(patcher, reference[0], conds, reference[1], g)
+                ref_loss = reference_training.reference_loss(patcher, reference[0], conds, reference[1], g,
+                                                             subject_weight=subject_weight)
                 ref_losses.append(float(ref_loss.detach()))
                 loss = loss + ref_loss
             opt.zero_grad()
@@ -310,6 +312,13 @@ def main(argv=None):
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help=(
         "reference stage, continued from the first: plain batches plus rows through self-subject-attention"))
     parser.add_argument("--joint-steps", type=int, default=JOINT_STEPS, help="steps of the joint UNet")
+    parser.add_argument("--joint-from", default=None, help=(
+        "continue the joint UNet from this file in world/models (an experiment; default: a seeded start)"))
+    parser.add_argument("--joint-out", default=None, help=(
+        "write the joint UNet under this name in world/models: a candidate, left out of the manifest "
+        "(default: the shipped unet_marks.safetensors with --marks)"))
+    parser.add_argument("--subject-weight", type=float, default=reference_training.SUBJECT_WEIGHT, help=(
+        "the reference objective's weight of the subject's pixels over the background's"))
     parser.add_argument("--marks", action="store_true", help=(
         "the part-marked world (generator.MARKS): its renders, its VAE vae_marks.safetensors; the joint UNet is "
         "written as unet_marks.safetensors"))
@@ -327,6 +336,7 @@ def main(argv=None):
     if args.vae_steps is None:
         args.vae_steps = 1000 if args.marks else 600
     parts = set() if args.manifest_only else set(args.only or ["clip", "vae", "unet", "identity", "scene"])
+    joint_out = args.joint_out or (host.MARKS_UNET_FILE if args.marks else "unet_joint.safetensors")
     times = {}
 
     def timed(name, fn, *a, **k):
@@ -375,14 +385,17 @@ def main(argv=None):
                   out_name=REFERENCE_CANDIDATE, raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS),
                   save_every=250)
         if "unet_joint" in parts:
+            init = None if args.joint_from is None else {k: v.float() for k, v in host.load_file(args.joint_from).items()}
             timed("unet_joint", build_unet, latents, cond_index, conds, seed=54, steps=args.joint_steps,
-                  batch=JOINT_PLAIN, init=None, ema_decay=JOINT_EMA,
-                  out_name=host.MARKS_UNET_FILE if args.marks else "unet_joint.safetensors",
-                  raw_name=args.unet_raw, reference=(groups, REFERENCE_TARGETS), save_every=250)
+                  batch=JOINT_PLAIN, init=init, ema_decay=JOINT_EMA, out_name=joint_out, raw_name=args.unet_raw,
+                  reference=(groups, REFERENCE_TARGETS), save_every=250, subject_weight=args.subject_weight)
     if "identity" in parts:
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
         timed("scene", build_scene, seed=71, steps=args.scene_steps)
+    if "unet_joint" in parts and joint_out not in MARKS_FILES:  # a candidate: the manifest stays as it is
+        print(f"build times (s): {times}; candidate {joint_out} (not in the manifest)")
+        return
     if args.marks:  # the part-marked world's times are kept apart from the shipped world's
         times = {f"marks {k}": v for k, v in times.items()}
     extra = {}

@@ -61,7 +61,8 @@ def groups(n_subjects: int, per_subject: int, seed: int, vae, caption_index, enc
                   torch.tensor(index).view(shape))
 
 
-def reference_loss(patcher, data: Groups, conds, targets: int, g: torch.Generator, dropout: float = 0.1):
+def reference_loss(patcher, data: Groups, conds, targets: int, g: torch.Generator, dropout: float = 0.1,
+                   subject_weight: float = SUBJECT_WEIGHT):
     """eps-MSE of ``targets`` renders of one training subject, denoised while another render is the reference.
 
     The reference goes through the pack's core function for the Self-Subject-Attention node (its mask at
@@ -87,5 +88,5 @@ def reference_loss(patcher, data: Groups, conds, targets: int, g: torch.Generato
     eps = torch.randn(x0.shape, generator=g)
     x_t = x0 + sigma[:, None, None, None] * eps
     denoised = predict(model, x_t, sigma, conds[ci])
-    weight = 1 + (SUBJECT_WEIGHT - 1) * F.adaptive_max_pool2d(data.masks[subject, rows][:, None], x0.shape[-2:])
+    weight = 1 + (subject_weight - 1) * F.adaptive_max_pool2d(data.masks[subject, rows][:, None], x0.shape[-2:])
     return (weight * ((x_t - denoised) / sigma[:, None, None, None] - eps).pow(2)).mean() / weight.mean()
