@@ -26,6 +26,10 @@ FILES = ("clip_text.safetensors", "vae.safetensors", "unet.safetensors", "identi
 # The part-marked world (--marks; world/README.md, "Fourth part"): its VAE and its joint UNet, shipped beside
 # the world above (the text encoder and the measures are shared).
 MARKS_FILES = (host.MARKS_VAE_FILE, host.MARKS_UNET_FILE)
+# The subject encoder's part of the part-marked world (world/README.md, "Fifth part"): the image encoder in the
+# host's CLIP-vision class (here, --only clip_vision) and the encoder pretrained by the pack's pipeline
+# (python -m world.encoder).
+ENCODER_FILES = (host.CLIP_VISION_FILE, host.ENCODER_FILE)
 # Not shipped yet (world/README.md, "Second part"): the second UNet stage, a candidate with no measurement.
 CANDIDATE = "unet_stage2.safetensors"
 
@@ -247,12 +251,16 @@ def _views(rng, subjects, heldout_captions=None):
     return to_tensor(np.stack(imgs))
 
 
-def _train_measure(net, name, seed, steps, batch_loss, log):
+def _train_measure(net, name, seed, steps, batch_loss, log, host_layers=False):
     """The measures' shared loop: seeded init, AdamW 1e-3 cosine, ``batch_loss(net, rng, g)`` per step
     (it draws its batch from ``rng``/``g`` in a fixed order, so a rebuild is bit-identical), then
-    ``NAME.safetensors`` in float32."""
+    ``NAME.safetensors`` in float32. host_layers: ``net`` is built from comfy's ops, which skip
+    initialisation (``init_weights``)."""
     torch.manual_seed(seed)
-    net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    if host_layers:
+        init_weights(net, seed)
+    else:
+        net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -281,6 +289,44 @@ def build_identity(seed, steps, batch=48, log=print):
     _train_measure(nets.IdentityNet(), "identity", seed, steps, batch_loss, log)
 
 
+def build_clip_vision(seed, steps, batch=48, log=print):
+    """The subject encoder's image encoder: the host's CLIP-vision class (host.CLIP_VISION_CONFIG), trained as
+    CLIP is, contrastively (InfoNCE on its projected embedding), here between a subject's reference (a render
+    with the background whitened as ApplySubjectEncoder whitens it) and another render of the subject in its
+    scene; the world's renders have no captions that name a subject, so image-image pairs stand in for CLIP's
+    image-text pairs."""
+    import comfy.clip_vision
+
+    vision = host.make_clip_vision()
+    white_background = host.pack_module("dreamtuner_core.images").white_background
+    inputs_copied = host.pack_module("dreamtuner_core.training.host_training").inputs_copied
+    # The host's CLIP layers add in place to the tensor their LayerNorms saved (inference code): each norm
+    # gets a copy, the pack's one fix for that.
+    norms = [m for m in vision.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+
+    def embed(net, images):  # images [B,3,32,32] -> unit embeddings, preprocessed as encode_image does
+        pixels = comfy.clip_vision.clip_preprocess(images.movedim(1, -1), size=vision.image_size,
+                                                   mean=vision.image_mean, std=vision.image_std)
+        with inputs_copied(norms):
+            return F.normalize(net(pixel_values=pixels)[2].float(), dim=-1)
+
+    def batch_loss(net, rng, g):
+        subjects = [generator.draw_subject(rng, False) for _ in range(batch)]
+        renders = []
+        for s in subjects:
+            image, mask, _, _ = generator.render(s, generator.draw_caption(rng, s.family, bool(rng.integers(2))), rng)
+            renders.append(white_background(torch.from_numpy(image)[None].float() / 255, torch.from_numpy(mask)[None]))
+        reference = torch.cat(renders).movedim(-1, 1)
+        za, zb = embed(net, reference), embed(net, nets.augment(_views(rng, subjects), g))
+        logits = za @ zb.T / 0.1
+        target = torch.arange(batch)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    vision.model.train()
+    _train_measure(vision.model, host.CLIP_VISION_FILE.removesuffix(".safetensors"), seed, steps, batch_loss, log,
+                   host_layers=True)
+
+
 def build_scene(seed, steps, batch=64, log=print):
     def batch_loss(net, rng, g):  # cross-entropy of each head on renders of training subjects
         imgs, labels = [], []
@@ -299,7 +345,7 @@ def build_scene(seed, steps, batch=64, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["clip", "vae", *UNET_PARTS, "identity", "scene"],
+    parser.add_argument("--only", nargs="*", choices=["clip", "vae", *UNET_PARTS, "identity", "scene", "clip_vision"],
                         help="rebuild only these parts (the others are read from world/models)")
     parser.add_argument("--vae-images", type=int, default=12000)
     parser.add_argument("--images", type=int, default=8000, help="UNet training images (the first of the VAE's)")
@@ -325,6 +371,7 @@ def main(argv=None):
     parser.add_argument("--unet-raw", default=None, help="also write the second stage's raw (non-EMA) weights here")
     parser.add_argument("--measure-steps", type=int, default=800)
     parser.add_argument("--scene-steps", type=int, default=1200)
+    parser.add_argument("--clip-vision-steps", type=int, default=1500, help="the subject encoder's image encoder")
     parser.add_argument("--manifest-only", action="store_true", help="only rewrite MANIFEST.json")
     parser.add_argument("--threads", type=int, default=1, help=(
         "torch threads; 1 is fastest when the machine's 2 cores are shared (2 threads under contention "
@@ -393,10 +440,17 @@ def main(argv=None):
         timed("identity", build_identity, seed=61, steps=args.measure_steps)
     if "scene" in parts:
         timed("scene", build_scene, seed=71, steps=args.scene_steps)
+    if "clip_vision" in parts:
+        timed("clip_vision", build_clip_vision, seed=81, steps=args.clip_vision_steps)
     if "unet_joint" in parts and joint_out not in MARKS_FILES:  # a candidate: the manifest stays as it is
         print(f"build times (s): {times}; candidate {joint_out} (not in the manifest)")
         return
-    if args.marks:  # the part-marked world's times are kept apart from the shipped world's
+    write_manifest(times, args.marks)
+
+
+def write_manifest(times, marks=False):
+    """MANIFEST.json over every shipped file present, with ``times`` added to its build times."""
+    if marks:  # the part-marked world's times are kept apart from the shipped world's
         times = {f"marks {k}": v for k, v in times.items()}
     extra = {}
     if manifest.MANIFEST.exists():
@@ -404,7 +458,7 @@ def main(argv=None):
 
         extra = {k: v for k, v in json.loads(manifest.MANIFEST.read_text()).items() if k != "files"}
     extra.setdefault("build_seconds", {}).update(times)
-    shipped = [f for f in FILES + MARKS_FILES if (host.MODELS / f).exists()]
+    shipped = [f for f in FILES + MARKS_FILES + ENCODER_FILES if (host.MODELS / f).exists()]
     manifest.write(shipped, extra)
     total = sum((host.MODELS / f).stat().st_size for f in shipped)
     print(f"build times (s): {times}; files: {total / 1e6:.1f} MB in {host.MODELS}")

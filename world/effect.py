@@ -53,6 +53,22 @@ def summarise(rows, seeds):
     return out
 
 
+def score_rows(case, setting_name, scores, seeds):
+    """One row per seed of one case and setting (``scores``: :func:`experiment.score`'s arrays)."""
+    return [{"subject": case.subject.name, "seed": s, "setting": setting_name,
+             **{m: float(scores[m][s]) for m in METRICS}} for s in range(seeds)]
+
+
+def write_table(table, header, path):
+    """The markdown table of :func:`summarise`'s result under a header paragraph; printed too."""
+    lines = [header, "", "| setting | identity | pattern | scene | time | position |", "|---|---|---|---|---|---|"]
+    for name, metrics in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" for m in METRICS)
+                     + " |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_rows(rows, path, seeds):
     """One CSV row per subject, seed and setting; returns :func:`summarise` of them."""
     with open(path, "w", newline="") as handle:
@@ -96,14 +112,11 @@ def main(argv=None):
     for i in range(args.subjects):
         case = experiment.make_case(i)
         oracle = experiment.oracle_images(case, args.seeds)
-        scores = experiment.score(oracle, case)
-        rows += [{"subject": case.subject.name, "seed": s, "setting": "oracle (renders)",
-                  **{m: float(scores[m][s]) for m in METRICS}} for s in range(args.seeds)]
+        rows += score_rows(case, "oracle (renders)", experiment.score(oracle, case), args.seeds)
         shown = {}
         for setting in all_settings:
             images, scores = world.run(case, setting, args.seeds, steps=args.steps, cfg=args.cfg)
-            rows += [{"subject": case.subject.name, "seed": s, "setting": setting.name,
-                      **{m: float(scores[m][s]) for m in METRICS}} for s in range(args.seeds)]
+            rows += score_rows(case, setting.name, scores, args.seeds)
             shown[setting.name] = images[0]
         if i < args.grid_subjects:
             grid.append([case.reference_image, shown["plain"], shown["ssa w=3 mask=subject"],
@@ -112,18 +125,12 @@ def main(argv=None):
     seconds = time.time() - t0
 
     table = write_rows(rows, out / "effect.csv", args.seeds)
-    lines = [f"UNet {args.unet or 'unet.safetensors'}{' (part-marked world)' if args.marks else ''}: "
-             f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {args.steps} steps, "
-             f"cfg {args.cfg}; mean +- spread over seeds (std of the per-seed means). identity: cosine of the "
-             "world's identity embedder to the reference; pattern: fraction of the 9 pattern cells read right "
-             "(chance 0.2); scene / time / position: fraction read as prompted. Time: "
-             f"{seconds:.0f} s.", "",
-             "| setting | identity | pattern | scene | time | position |", "|---|---|---|---|---|---|"]
-    for name, metrics in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" for m in METRICS)
-                     + " |")
-    (out / "effect.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(table, f"UNet {args.unet or 'unet.safetensors'}{' (part-marked world)' if args.marks else ''}: "
+                f"{args.subjects} held-out subjects x {args.seeds} seeds, {experiment.SAMPLER} {args.steps} steps, "
+                f"cfg {args.cfg}; mean +- spread over seeds (std of the per-seed means). identity: cosine of the "
+                "world's identity embedder to the reference; pattern: fraction of the 9 pattern cells read right "
+                "(chance 0.2); scene / time / position: fraction read as prompted. Time: "
+                f"{seconds:.0f} s.", out / "effect.md")
     grid_png(grid, out / "effect_grid.png")
     plot(table, out / "effect.png")
 

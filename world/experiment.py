@@ -16,6 +16,7 @@ way round); ``unconditional_reference`` gives the reference pass the empty promp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -47,16 +48,23 @@ class Setting:
     p_r: float | None = None  # None: the KSampler path; else the pack's InterleavedCFGSampler node, w_r = cfg
     transposed: bool = False  # broken: the reference latent and mask transposed (its token grid read as W x H)
     unconditional_reference: bool = False  # the reference pass reads the empty prompt (the unconditional row)
+    beta: float | None = None  # the pack's ApplySubjectEncoder node with the world's encoder at this beta
+    encoder_layers: tuple | None = None  # broken: the encoder reads these CLIP layers, not its own
 
     @property
     def name(self) -> str:
-        if self.omega_ref is None:
+        if self.omega_ref is None and self.beta is None:
             return "plain"
-        name = f"ssa w={self.omega_ref:g} mask={self.mask}"
-        name += f" ref+sigma{self.reference_sigma:g}" if self.reference_sigma else ""
-        name += " transposed" if self.transposed else ""
-        name += " ref text=empty" if self.unconditional_reference else ""
-        return name + (f" interleaved p_r={self.p_r:g}" if self.p_r is not None else "")
+        parts = []
+        if self.omega_ref is not None:
+            parts.append(f"ssa w={self.omega_ref:g} mask={self.mask}")
+            parts += [f"ref+sigma{self.reference_sigma:g}"] if self.reference_sigma else []
+            parts += ["transposed"] if self.transposed else []
+            parts += ["ref text=empty"] if self.unconditional_reference else []
+        if self.beta is not None:
+            parts.append(f"encoder beta={self.beta:g}")
+            parts += [f"layers={','.join(map(str, self.encoder_layers))}"] if self.encoder_layers else []
+        return " ".join(parts) + (f" interleaved p_r={self.p_r:g}" if self.p_r is not None else "")
 
 
 def make_case(index: int, seed: int = 1234) -> Case:
@@ -70,6 +78,13 @@ def make_case(index: int, seed: int = 1234) -> Case:
     image, mask, _, _ = generator.render(subject, reference_caption, rng)
     return Case(index, subject, reference_caption, torch.from_numpy(image).float() / 255, torch.from_numpy(mask),
                 prompt)
+
+
+def with_reference_of(case: Case, other: Case) -> Case:
+    """``case`` (its subject, prompt and measures) with ``other``'s reference: a control, the method shown
+    another subject than the one it is scored against."""
+    return dataclasses.replace(case, reference_caption=other.reference_caption, reference_image=other.reference_image,
+                               reference_mask=other.reference_mask)
 
 
 def oracle_images(case: Case, n: int) -> torch.Tensor:
@@ -103,10 +118,30 @@ class World:
         with torch.no_grad():
             return self.vae.decode(latents).clamp(0, 1)
 
+    def subject_encoder(self):
+        """(the world's pretrained subject encoder, its CLIP_VISION), loaded once."""
+        if not hasattr(self, "_encoder"):
+            load_encoder = host.pack_module("dreamtuner_core.subject_encoder.file").load_encoder
+            self._encoder = (load_encoder(host.MODELS / host.ENCODER_FILE), host.world_clip_vision())
+        return self._encoder
+
+    def with_encoder(self, model, case: Case, setting: Setting):
+        """The pack's ApplySubjectEncoder node on ``model`` with the reference and its mask."""
+        encoder, clip_vision = self.subject_encoder()
+        if setting.encoder_layers is not None:  # broken: features of other CLIP layers than it was trained on
+            encoder = copy.copy(encoder)
+            encoder.config = dataclasses.replace(encoder.config, clip_layers=tuple(setting.encoder_layers))
+        node = self.nodes["DreamTunerApplySubjectEncoder"]()
+        return getattr(node, node.FUNCTION)(model=model, subject_encoder=encoder, clip_vision=clip_vision,
+                                            image=case.reference_image[None], beta=float(setting.beta),
+                                            start_percent=0.0, end_percent=1.0, mask=case.reference_mask[None])[0]
+
     def patched(self, case: Case, setting: Setting):
-        """The model for a setting: the pack's SelfSubjectAttention node applied to the ModelPatcher."""
+        """The model for a setting: the pack's ApplySubjectEncoder and SelfSubjectAttention nodes applied to the
+        ModelPatcher (each on a clone), as a graph chains them."""
+        model = self.unet if setting.beta is None else self.with_encoder(self.unet, case, setting)
         if setting.omega_ref is None:
-            return self.unet
+            return model
         reference = self.encode(case.reference_image[None])
         if setting.reference_sigma:
             g = torch.Generator().manual_seed(99 + case.index)
@@ -117,7 +152,7 @@ class World:
             reference, mask = reference.transpose(-1, -2).contiguous(), mask.transpose(-1, -2).contiguous()
         node = self.nodes["DreamTunerSelfSubjectAttention"]()
         text = "" if setting.unconditional_reference else case.reference_caption.text
-        kwargs = dict(model=self.unet, reference={"samples": reference}, omega_ref=float(setting.omega_ref),
+        kwargs = dict(model=model, reference={"samples": reference}, omega_ref=float(setting.omega_ref),
                       start_percent=0.0, end_percent=1.0, reference_conditioning=self.text(text),
                       reference_seed=case.index)
         if setting.mask == "subject":

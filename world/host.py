@@ -50,6 +50,18 @@ CLIP_TEXT_CONFIG = {
     "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408,
 }
 
+# The image encoder of the subject encoder, in the host's CLIP-vision class (comfy.clip_vision.ClipVisionModel):
+# a ViT on the world's 32x32 renders, 4x4 patches (an 8x8 token grid), trained contrastively on the world
+# (world/encoder.py). Its hidden states feed the subject encoder as OpenCLIP ViT-H/14's do in the paper.
+CLIP_VISION_CONFIG = {
+    "hidden_act": "gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 256,
+    "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3, "num_hidden_layers": 6,
+    "patch_size": 4, "projection_dim": 64, "torch_dtype": "float32",
+}
+CLIP_VISION_FILE = "clip_vision.safetensors"
+# The subject encoder pretrained in the part-marked world against unet_marks (world/encoder.py).
+ENCODER_FILE = "subject_encoder_marks.safetensors"
+
 
 def setup(threads: int = 1):
     torch.set_num_threads(threads)
@@ -159,6 +171,32 @@ def make_clip(sd=None):
     clip.cond_stage_model.to(torch.float32)
     return clip
 
+
+
+def make_clip_vision(sd=None):
+    """comfy.clip_vision.ClipVisionModel of CLIP_VISION_CONFIG (the CLIP_VISION the core CLIPVisionLoader gives),
+    fp32; ``sd`` its state dict as ``ClipVisionModel.get_sd`` writes it."""
+    import comfy.clip_vision
+
+    config_path = pathlib.Path(tempfile.gettempdir()) / "dreamtuner_world_clip_vision.json"
+    config_path.write_text(json.dumps(CLIP_VISION_CONFIG))
+    model = comfy.clip_vision.ClipVisionModel(str(config_path))
+    model.model.to(torch.float32)
+    model.dtype = torch.float32
+    if sd is not None:
+        missing, unexpected = model.model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"CLIP vision file does not match CLIP_VISION_CONFIG: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return model
+
+
+def world_clip_vision():
+    """The world's CLIP_VISION from the shipped file (checked against the manifest)."""
+    from . import manifest
+
+    manifest.verify()
+    return make_clip_vision({k: v.float() for k, v in load_file(CLIP_VISION_FILE).items()})
 
 def encode_text(clip, text: str):
     """A CONDITIONING, as the core CLIPTextEncode node makes it."""

@@ -215,11 +215,16 @@ def _progress(initial, total, enabled):
     return tqdm(total=total, initial=initial, desc="pretraining", unit="step")
 
 
-def train(config: TrainConfig, on_step=None, text_conditioning=None):
-    """Run (or resume) a pretraining as configured; in a torchrun process group when there is one."""
+def train(config: TrainConfig, on_step=None, text_conditioning=None, frozen=None):
+    """Run (or resume) a pretraining as configured; in a torchrun process group when there is one.
+
+    ``frozen``: a callable ``device -> frozen models`` in place of :class:`FrozenModels` (models the host's
+    loaders cannot detect, such as the small trained world's).
+    """
     world = setup_world()
     try:
-        return Trainer(config, world, text_conditioning).run(on_step=on_step)
+        models = frozen(world.device) if frozen is not None else None
+        return Trainer(config, world, text_conditioning, frozen=models).run(on_step=on_step)
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
