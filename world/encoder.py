@@ -12,7 +12,7 @@ What is the pack's: the data preparation is ``scripts/prepare_encoder_data.py`` 
 generator's masks and layout channel given as --masks / --depth, a caption .txt beside each picture); the
 training is ``dreamtuner_core.pretrain``'s Trainer (data order, the paper's augmentation and background
 whitening, Eq. 1 through the host's ``apply_model``, checkpoints, the encoder file). What is the world's: the
-frozen models (``WorldFrozen``, in place of FrozenModels' loaders, which cannot detect files this small;
+frozen models (``world_frozen``, in place of FrozenModels' loaders, which cannot detect files this small;
 world/host.py says why) and the image encoder (host.CLIP_VISION_CONFIG, ``world.build --marks --only
 clip_vision``). The world has no ControlNet yet, so the pretraining runs without one (the paper's "with vs
 without the ControlNet" ablation is left).
@@ -21,6 +21,7 @@ without the ControlNet" ablation is left).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import pathlib
 import subprocess
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from . import experiment, generator, host
+from .base_report import RESULTS, grid_png
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORK = pathlib.Path(tempfile.gettempdir()) / "dreamtuner_world_encoder"
@@ -49,30 +51,28 @@ OTHER_SUBJECT = "encoder beta=1, another subject's reference"
 OTHER_OFFSET = 100  # the other subject: held-out case index + this
 
 
-class WorldFrozen:
-    """The frozen models of a pretraining run in the world: what ``pretrain.FrozenModels`` gives the Trainer
-    (the host's classes, loaded from the shipped files; no ControlNet)."""
+def world_frozen(device=torch.device("cpu")):
+    """The frozen models of a pretraining run in the world: the pack's ``FrozenModels`` (its cached caption
+    encoding, ``text``), holding the world's host-class models from the shipped files instead of what its
+    loaders read; no ControlNet."""
+    FrozenModels = host.pack_module("dreamtuner_core.pretrain.frozen_models").FrozenModels
 
-    def __init__(self, device=torch.device("cpu")):
-        self.patcher, self.vae, self.clip = host.world_models(host.MARKS_UNET_FILE)
-        self.base = self.patcher.model
-        self.clip_vision = host.world_clip_vision()
-        self.device, self.text_conditioning, self._text = device, None, {}
-        for module in self.frozen_modules().values():
-            module.requires_grad_(False).eval()
+    class WorldFrozen(FrozenModels):
+        def __init__(self):  # FrozenModels.__init__ loads files the host's loaders detect; these are the world's
+            self.patcher, self.vae, self.clip = host.world_models(host.MARKS_UNET_FILE)
+            self.base, self.clip_vision = self.patcher.model, host.world_clip_vision()
+            self.device, self.text_conditioning, self._text = device, None, collections.OrderedDict()
+            for module in self.frozen_modules().values():
+                module.requires_grad_(False).eval()
 
-    def frozen_modules(self):
-        return {"unet": self.base.diffusion_model, "clip_vision": self.clip_vision.model,
-                "vae": self.vae.first_stage_model, "text_encoder": self.clip.cond_stage_model}
+        def frozen_modules(self):
+            return {"unet": self.base.diffusion_model, "clip_vision": self.clip_vision.model,
+                    "vae": self.vae.first_stage_model, "text_encoder": self.clip.cond_stage_model}
 
-    def text(self, caption):
-        if caption not in self._text:
-            with torch.no_grad():
-                self._text[caption] = self.clip.encode_from_tokens(self.clip.tokenize(caption)).float()
-        return self._text[caption]
+        def control(self, *args, **kwargs):
+            return None  # the world has no ControlNet yet: the UNet runs without residuals
 
-    def control(self, *args, **kwargs):
-        return None  # the world has no ControlNet yet: the UNet runs without residuals
+    return WorldFrozen()
 
 
 def write_renders(folder: pathlib.Path, n: int, seed: int = 5):
@@ -111,14 +111,14 @@ def train_config(work: pathlib.Path, steps: int, lr: float, resume=None, overwri
         data=str(work / "prepared"), checkpoint=str(host.MODELS / host.MARKS_UNET_FILE), controlnet="none",
         clip_vision=str(host.MODELS / host.CLIP_VISION_FILE), out=str(work / run), clip_layers=CLIP_LAYERS,
         init_encoder=None if init is None else str(init),
-        size=32, global_batch=16, batch_per_device=16 // int(os.environ.get("WORLD_SIZE", "1")), lr=lr, warmup_steps=50, max_steps=steps,
-        checkpoint_every=250, seed=0, beta=1.0, precision="fp32", workers=0, encoder_dtype="float32",
+        size=32, global_batch=16, batch_per_device=16 // int(os.environ.get("WORLD_SIZE", "1")), lr=lr,
+        warmup_steps=50, max_steps=steps, checkpoint_every=250, seed=0, beta=1.0, precision="fp32", workers=0, encoder_dtype="float32",
         resume=resume, overwrite=overwrite)
 
 
 def pretrain(config):
     """The pack's pretraining with the world's frozen models, in torchrun's process group when there is one."""
-    return host.pack_module("dreamtuner_core.pretrain.trainer").train(config, frozen=WorldFrozen)
+    return host.pack_module("dreamtuner_core.pretrain.trainer").train(config, frozen=world_frozen)
 
 
 def ship(work: pathlib.Path, seconds: dict):
@@ -145,7 +145,6 @@ def settings(betas=BETAS):
 
 def effect(subjects, seeds, betas, out: pathlib.Path):
     from . import effect as effect_command
-    from .base_report import grid_png
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -201,7 +200,7 @@ def main(argv=None):
     elif args.step == "ship":
         ship(args.work, {})
     else:
-        effect(args.subjects, args.seeds, args.betas, experiment.host.MODELS.parent / "results" / "marks")
+        effect(args.subjects, args.seeds, args.betas, RESULTS / "marks")
     print(f"{args.step}: {time.time() - t0:.1f} s")
 
 

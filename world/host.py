@@ -152,8 +152,7 @@ def make_clip(sd=None):
     import comfy.sd1_clip
     import comfy.supported_models_base
 
-    config_path = pathlib.Path(tempfile.gettempdir()) / "dreamtuner_world_clip_text.json"
-    config_path.write_text(json.dumps(CLIP_TEXT_CONFIG))
+    config_path = _config_file("dreamtuner_world_clip_text.json", CLIP_TEXT_CONFIG)
     tokenizer = comfy.sd1_clip.SD1Tokenizer
     vocabulary = clip_tokenizer_dir()
     if vocabulary is not None:
@@ -172,19 +171,24 @@ def make_clip(sd=None):
     return clip
 
 
+def _config_file(name, config):
+    """A host config JSON (the host's CLIP classes take a path) written to the temporary folder."""
+    path = pathlib.Path(tempfile.gettempdir()) / name
+    path.write_text(json.dumps(config))
+    return path
+
 
 def make_clip_vision(sd=None):
-    """comfy.clip_vision.ClipVisionModel of CLIP_VISION_CONFIG (the CLIP_VISION the core CLIPVisionLoader gives),
-    fp32; ``sd`` its state dict as ``ClipVisionModel.get_sd`` writes it."""
+    """comfy.clip_vision.ClipVisionModel of CLIP_VISION_CONFIG (the CLIP_VISION class the core CLIPVisionLoader
+    gives), fp32; ``sd`` its state dict as ``ClipVisionModel.get_sd`` writes it, loaded after the cast (the
+    host's own loader would build fp16 weights on this CPU and round the file's fp32 ones)."""
     import comfy.clip_vision
 
-    config_path = pathlib.Path(tempfile.gettempdir()) / "dreamtuner_world_clip_vision.json"
-    config_path.write_text(json.dumps(CLIP_VISION_CONFIG))
-    model = comfy.clip_vision.ClipVisionModel(str(config_path))
+    model = comfy.clip_vision.ClipVisionModel(str(_config_file("dreamtuner_world_clip_vision.json", CLIP_VISION_CONFIG)))
     model.model.to(torch.float32)
     model.dtype = torch.float32
     if sd is not None:
-        missing, unexpected = model.model.load_state_dict(sd, strict=False)
+        missing, unexpected = model.load_sd(sd)
         if missing or unexpected:
             raise ValueError(f"CLIP vision file does not match CLIP_VISION_CONFIG: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
@@ -197,6 +201,7 @@ def world_clip_vision():
 
     manifest.verify()
     return make_clip_vision({k: v.float() for k, v in load_file(CLIP_VISION_FILE).items()})
+
 
 def encode_text(clip, text: str):
     """A CONDITIONING, as the core CLIPTextEncode node makes it."""
